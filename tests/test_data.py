@@ -1,0 +1,319 @@
+"""Tests for minigpt.data: registry, verified fetch (cache, mirror, local HTTP), token bins."""
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import socket
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+import tiktoken.load
+import tiktoken.registry
+import torch
+
+from minigpt import data
+from minigpt.tokenizer import CharTokenizer
+
+MIRROR = os.environ.get(data.MIRROR_ENV)  # the real mirror, read before tests change the env
+needs_mirror = pytest.mark.skipif(
+    not MIRROR, reason=f"set {data.MIRROR_ENV} to a mirror of the data files to run this test"
+)
+BODY = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50
+
+
+def _zip(member: str, content: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(member, content)
+        zf.writestr("readme", b"not this one")
+    return buf.getvalue()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves BODY at /good, wrong bytes at /wrong, a truncated body at /short, a zip at /zip."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        body = {"/good": BODY, "/wrong": BODY[::-1], "/short": BODY, "/zip": _zip("a.txt", BODY)}
+        if self.path not in body:
+            self.send_error(404)
+            return
+        claimed = len(body[self.path]) + (1000 if self.path == "/short" else 0)
+        self.send_response(200)
+        self.send_header("Content-Length", str(claimed))
+        self.end_headers()
+        self.wfile.write(body[self.path])  # HTTP/1.0: the connection closes after this
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def closed_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/input.txt"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(data.MIRROR_ENV, raising=False)
+    return tmp_path / "cache"
+
+
+def _entry(url: str, **kw) -> data.Entry:
+    kw.setdefault("sha256", hashlib.sha256(BODY).hexdigest())
+    return data.Entry("tiny", url, "tiny/input.txt", **kw)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_registry_matches_the_mirror_readme():
+    assert set(data.REGISTRY) == {
+        "tinyshakespeare",
+        "gpt2-encoder",
+        "gpt2-vocab",
+        "sms-spam",
+        "instruction-data",
+    }
+    assert data.REGISTRY["gpt2-vocab"].sha256.startswith("1ce1664773c5")
+    assert data.REGISTRY["sms-spam"].sha256 is None and data.REGISTRY["sms-spam"].member
+    with pytest.raises(ValueError, match="exactly one"):
+        data.Entry("x", "http://x", "x/y")
+
+
+def test_unknown_name_lists_known_names(cache):
+    with pytest.raises(ValueError, match="tinyshakespeare"):
+        data.path("shakespeare")
+
+
+def test_cache_dir_default_is_per_user(monkeypatch):
+    monkeypatch.delenv(data.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-xdg")
+    assert data.cache_dir().name == "minigpt"
+
+
+def test_cache_hit_needs_no_mirror_or_network(cache, closed_url):
+    entry = _entry(closed_url)
+    (cache / "tiny").mkdir(parents=True)
+    (cache / "tiny/input.txt").write_bytes(BODY)
+    assert data.path(entry) == cache / "tiny/input.txt"
+
+
+def test_corrupted_cache_file_is_fetched_again(cache, server):
+    (cache / "tiny").mkdir(parents=True)
+    (cache / "tiny/input.txt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="corrupted"):
+        assert data.path(_entry(server + "/good")).read_bytes() == BODY
+
+
+def test_mirror_hit_is_copied_into_the_cache(cache, tmp_path, monkeypatch, closed_url):
+    mirror = tmp_path / "mirror"
+    (mirror / "tiny").mkdir(parents=True)
+    (mirror / "tiny/input.txt").write_bytes(BODY)
+    monkeypatch.setenv(data.MIRROR_ENV, str(mirror))
+    got = data.path(_entry(closed_url))
+    assert got == cache / "tiny/input.txt" and got.read_bytes() == BODY
+
+
+def test_corrupted_mirror_file_is_an_error_and_never_cached(cache, tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    (mirror / "tiny").mkdir(parents=True)
+    (mirror / "tiny/input.txt").write_bytes(BODY + b"!")
+    monkeypatch.setenv(data.MIRROR_ENV, str(mirror))
+    expected = hashlib.sha256(BODY).hexdigest()
+    actual = hashlib.sha256(BODY + b"!").hexdigest()
+    with pytest.raises(data.VerificationError) as err:
+        data.path(_entry("http://127.0.0.1:9/never"))
+    assert str(mirror / "tiny/input.txt") in str(err.value)
+    assert expected in str(err.value) and actual in str(err.value)
+    assert _files(cache) == []
+
+
+def test_download_lands_verified_then_hits_the_cache(cache, server):
+    entry = _entry(server + "/good")
+    got = data.path(entry)
+    assert got.read_bytes() == BODY and _files(cache) == [got]
+    offline = _entry("http://127.0.0.1:9/never")
+    assert data.path(offline) == got
+
+
+def test_download_from_a_zip_member(cache, server):
+    got = data.path(_entry(server + "/zip", member="a.txt"))
+    assert got.read_bytes() == BODY
+    with pytest.raises(data.VerificationError, match="no item named"):
+        data.path(data.Entry("z", server + "/zip", "z/b.txt", sha256="0" * 64, member="b.txt"))
+    assert _files(cache) == [got]
+
+
+@pytest.mark.parametrize(
+    ("route", "error", "message"),
+    [
+        ("/short", data.DownloadError, "incomplete download"),
+        ("/wrong", data.VerificationError, "expected sha256"),
+        ("/missing", data.DownloadError, "Not Found"),
+    ],
+)
+def test_bad_download_never_lands_in_the_cache(cache, server, route, error, message):
+    with pytest.raises(error, match=message):
+        data.path(_entry(server + route))
+    assert _files(cache) == []
+
+
+def test_offline_without_mirror_names_the_url_and_the_env_var(cache, closed_url):
+    with pytest.raises(data.DownloadError) as err:
+        data.path(_entry(closed_url))
+    assert isinstance(err.value, RuntimeError)
+    assert closed_url in str(err.value) and data.MIRROR_ENV in str(err.value)
+    assert "tiny/input.txt" in str(err.value)
+    assert _files(cache) == []
+
+
+def test_sms_spam_is_checked_by_format(tmp_path):
+    bad = tmp_path / "SMSSpamCollection"
+    bad.write_text("ham\thello\nspam\tbuy now\n")
+    with pytest.raises(data.VerificationError, match="expected 5574 lines"):
+        data.REGISTRY["sms-spam"].verify(bad)
+    bad.write_text("ham hello\n")
+    with pytest.raises(data.VerificationError, match="line 1"):
+        data.REGISTRY["sms-spam"].verify(bad)
+
+
+@needs_mirror
+def test_every_registered_file_verifies_from_the_mirror(cache, monkeypatch):
+    monkeypatch.setenv(data.MIRROR_ENV, MIRROR)
+    for name in data.REGISTRY:
+        assert data.path(name).is_relative_to(cache)
+
+
+@needs_mirror
+def test_tiktoken_gpt2_works_offline_from_the_mirror(cache, monkeypatch):
+    monkeypatch.setenv(data.MIRROR_ENV, MIRROR)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/the/users/own/setting")
+
+    def no_network(url: str) -> bytes:
+        raise AssertionError(f"tiktoken tried to fetch {url}")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # force a fresh load from disk
+    enc = data.tiktoken_gpt2()
+    assert enc.name == "gpt2" and enc.n_vocab == 50257
+    assert enc.encode("Hello world") == [15496, 995]
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == "/the/users/own/setting"
+
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
+
+
+class _Counting(CharTokenizer):
+    calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        type(self).calls += 1
+        return super().encode(text)
+
+
+def test_prepare_bin_splits_and_round_trips(tmp_path):
+    tok = CharTokenizer.from_text(TEXT)
+    meta = data.prepare_bin(TEXT, tok, tmp_path, val_fraction=0.25, chunk_chars=100)
+    train, val = data.load_bin(tmp_path / "train.bin"), data.load_bin(tmp_path / "val.bin")
+    assert train.dtype == np.uint16 and (meta["train_tokens"], meta["val_tokens"]) == (
+        len(train),
+        len(val),
+    )
+    assert len(val) == len(TEXT) // 4
+    assert tok.decode(np.concatenate([train, val])) == TEXT
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta
+    assert meta["source_sha256"] == hashlib.sha256(TEXT.encode()).hexdigest()
+
+
+@needs_mirror
+def test_prepare_bin_chunks_like_the_whole_text_for_gpt2_bpe(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(data.MIRROR_ENV, MIRROR)
+    enc = data.tiktoken_gpt2()
+
+    class Gpt2:
+        vocab_size = enc.n_vocab
+
+        def encode(self, text: str) -> list[int]:
+            return enc.encode_ordinary(text)
+
+    source = tmp_path / "corpus.txt"
+    source.write_text(TEXT + "  \n\n  end")
+    data.prepare_bin(source, Gpt2(), tmp_path / "bin", val_fraction=0.0, chunk_chars=37)
+    got = np.fromfile(tmp_path / "bin/train.bin", dtype=np.uint16)
+    assert got.tolist() == enc.encode_ordinary(source.read_text())
+
+
+def test_prepare_bin_is_cached_and_rebuilds_on_change(tmp_path):
+    tok = _Counting.from_text(TEXT)
+    source = tmp_path / "corpus.txt"
+    source.write_text(TEXT)
+    first = data.prepare_bin(source, tok, tmp_path / "bin")
+    calls = _Counting.calls
+    assert data.prepare_bin(source, tok, tmp_path / "bin") == first
+    assert _Counting.calls == calls  # no re-tokenising
+    source.write_text(TEXT[::-1])
+    changed = data.prepare_bin(source, tok, tmp_path / "bin")
+    assert changed["source_sha256"] != first["source_sha256"] and _Counting.calls > calls
+    other_tok = _Counting.from_text(TEXT + "#")
+    assert data.prepare_bin(source, other_tok, tmp_path / "bin")["tokenizer"] != first["tokenizer"]
+
+
+def test_load_bin_rejects_an_empty_split(tmp_path):
+    data.prepare_bin(TEXT, CharTokenizer.from_text(TEXT), tmp_path, val_fraction=0.0)
+    assert len(data.load_bin(tmp_path / "train.bin")) == len(TEXT)
+    with pytest.raises(ValueError, match="val_fraction > 0"):
+        data.load_bin(tmp_path / "val.bin")
+
+
+def test_prepare_bin_rejects_bad_input(tmp_path):
+    class Huge(CharTokenizer):
+        vocab_size = 70_000
+
+    with pytest.raises(ValueError, match="uint16"):
+        data.prepare_bin(TEXT, Huge.from_text(TEXT), tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        data.prepare_bin("", CharTokenizer("a"), tmp_path)
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.prepare_bin(TEXT, CharTokenizer.from_text(TEXT), tmp_path, val_fraction=1.0)
+    assert not (tmp_path / "train.bin").exists() and not (tmp_path / "meta.json").exists()
+
+
+def test_get_batch_shapes_shift_and_determinism():
+    tokens = np.arange(1000, dtype=np.uint16)
+    x, y = data.get_batch(tokens, 4, 16, generator=torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    assert torch.equal(y, x + 1)  # consecutive tokens: each target is the next token
+    x2, y2 = data.get_batch(tokens, 4, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = data.get_batch(tokens, 4, 16, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(x, x3)
+
+
+def test_get_batch_uses_every_window_and_rejects_short_data():
+    tokens = np.arange(5, dtype=np.uint16)
+    x, y = data.get_batch(tokens, 64, 4, generator=torch.Generator().manual_seed(0))
+    assert x[:, 0].unique().tolist() == [0] and y[:, -1].unique().tolist() == [4]
+    with pytest.raises(ValueError, match="at least 6"):
+        data.get_batch(tokens, 1, 5)
