@@ -1,11 +1,22 @@
 """Tokenizers: text to integer ids and back.
 
 ``CharTokenizer`` maps each distinct character of a corpus to an id (chapter 1).
+``Tokenizer`` is a byte-level BPE (chapter 2): it encodes with the merges learned by
+``minigpt.bpe.train_bpe`` or read from GPT-2's files, gives the same ids as tiktoken, and can
+hand its vocabulary to tiktoken for fast encoding of whole corpora.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import os
+from collections.abc import Iterable, Iterator
+from itertools import pairwise
+from pathlib import Path
+
+import tiktoken
+
+from minigpt.bpe import GPT2_SPLIT_PATTERN, PRETOKENIZER, Merges, Vocab, special_token_pattern
 
 
 class CharTokenizer:
@@ -58,3 +69,336 @@ class CharTokenizer:
         if d.get("type") != "char":
             raise ValueError(f"not a character tokenizer description: type={d.get('type')!r}")
         return cls(d["chars"])
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each of the 256 byte values.
+
+    Bytes that are printable Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for
+    themselves; the other 68 (control bytes, space, ...) get the characters U+0100, U+0101, ...
+    in byte order, so a space is 'Ġ' and a newline 'Ċ'. GPT-2's ``encoder.json`` and
+    ``vocab.bpe`` spell every token this way, which keeps them readable text files.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in mapping]
+    mapping.update({b: chr(256 + k) for k, b in enumerate(others)})
+    return dict(sorted(mapping.items()))
+
+
+_BYTE_TO_CHAR = bytes_to_unicode()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+
+
+def _printable(token: bytes) -> str:
+    return "".join(_BYTE_TO_CHAR[b] for b in token)
+
+
+def _unprintable(text: str) -> bytes:
+    try:
+        return bytes(_CHAR_TO_BYTE[c] for c in text)
+    except KeyError as e:
+        raise ValueError(
+            f"{text!r} is not a token in GPT-2's printable byte spelling ({e.args[0]!r} stands "
+            "for no byte); is this file really a GPT-2 style encoder.json / vocab.bpe?"
+        ) from None
+
+
+class Tokenizer:
+    """Byte-level BPE: text -> ids by applying ranked merges to each pre-token, ids -> text.
+
+    ``vocab`` maps ids to bytes; ``merges`` lists merged pairs, earliest (highest priority)
+    first; ``special_tokens`` are strings that always get their own id: their id in ``vocab``
+    if the vocabulary already holds them (as GPT-2's ``<|endoftext|>``), else new ids after the
+    largest one. Special tokens in the text are matched first, longest first.
+    """
+
+    cache_size = 1 << 17  # encoded pre-tokens kept; the cache is emptied when it is full
+
+    def __init__(
+        self, vocab: Vocab, merges: Merges, special_tokens: Iterable[str] | None = None
+    ) -> None:
+        self.vocab: Vocab = {int(i): bytes(b) for i, b in vocab.items()}
+        self.merges: Merges = [(bytes(a), bytes(b)) for a, b in merges]
+        specials = list(dict.fromkeys(special_tokens or ()))
+        regular = {bytes([b]) for b in range(256)} | {a + b for a, b in self.merges}
+        self._encoder: dict[bytes, int] = {}
+        self.special_tokens: dict[str, int] = {}
+        for i in sorted(self.vocab):
+            token = self.vocab[i]
+            if i < 0:
+                raise ValueError(f"token ids must be non-negative, got {i}")
+            as_text = token.decode("utf-8", errors="replace")
+            if token in regular and token not in self._encoder:
+                self._encoder[token] = i
+            elif (
+                as_text in specials
+                and as_text not in self.special_tokens
+                and (as_text.encode("utf-8") == token)
+            ):
+                self.special_tokens[as_text] = i
+            else:
+                raise ValueError(
+                    f"vocab id {i} ({token!r}) is a duplicate or neither a byte, the result of a "
+                    "merge nor a special token; pass a vocab built with its merges (train_bpe)"
+                )
+        for token in specials:
+            if token not in self.special_tokens:
+                self.special_tokens[token] = i = max(self.vocab, default=-1) + 1
+                self.vocab[i] = token.encode("utf-8")
+        missing = sorted(regular - self._encoder.keys())
+        if missing:
+            raise ValueError(
+                f"{len(missing)} bytes or merge results have no id in vocab, e.g. {missing[0]!r}; "
+                "vocab must hold the 256 single bytes and the result of every merge"
+            )
+        self._rank: dict[tuple[int, int], int] = {}
+        self._merged: dict[tuple[int, int], int] = {}
+        for rank, (a, b) in enumerate(self.merges):
+            pair = (self._encoder[a], self._encoder[b])
+            if pair not in self._rank:
+                self._rank[pair] = rank
+                self._merged[pair] = self._encoder[a + b]
+        self._byte_ids = [self._encoder[bytes([b])] for b in range(256)]
+        self._special_pattern = special_token_pattern(self.special_tokens)
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self._files: dict | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id (the size an embedding table needs)."""
+        return max(self.vocab) + 1
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def _bpe(self, piece: str) -> tuple[int, ...]:
+        """Encode one pre-token: merge the lowest-ranked adjacent pair until none is left."""
+        ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
+        rank, never = self._rank, len(self.merges)
+        while len(ids) > 1:
+            pair = min(pairwise(ids), key=lambda p: rank.get(p, never))
+            if pair not in rank:
+                break
+            new_id, out, i = self._merged[pair], [], 0
+            while i < len(ids):
+                if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(ids[i])
+                    i += 1
+            ids = out
+        return tuple(ids)
+
+    def _encode_ordinary(self, text: str, out: list[int]) -> None:
+        """Append the ids of ``text`` (which holds no special tokens) to ``out``."""
+        cache = self._cache
+        for piece in PRETOKENIZER.findall(text):
+            ids = cache.get(piece)
+            if ids is None:
+                ids = self._bpe(piece)
+                if len(cache) >= self.cache_size:
+                    cache.clear()
+                cache[piece] = ids
+            out.extend(ids)
+
+    def _split(self, text: str) -> list[str]:
+        """Ordinary text at even positions, special tokens at odd positions."""
+        return self._special_pattern.split(text) if self._special_pattern else [text]
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of ``text``; special tokens in it become their own ids."""
+        ids: list[int] = []
+        for k, segment in enumerate(self._split(text)):
+            if k % 2:
+                ids.append(self.special_tokens[segment])
+            elif segment:
+                self._encode_ordinary(segment, ids)
+        return ids
+
+    def _safe_cut(self, buf: str) -> int:
+        """How much of ``buf`` can be encoded now without knowing the text that follows.
+
+        Hold back any tail that may still grow into a (longer) special token, never cut through
+        a special token (``<|endoftext|>`` may be the start of ``<|endoftext|><|endoftext|>``),
+        and hold back the last pre-token, which more text could extend ("hel" + "lo").
+        """
+        hold = len(buf)
+        for token in self.special_tokens:
+            for k in range(min(len(token) - 1, len(buf)), 0, -1):
+                if buf.endswith(token[:k]):
+                    hold = min(hold, len(buf) - k)
+                    break
+        if self._special_pattern and hold < len(buf):
+            for match in self._special_pattern.finditer(buf):
+                if match.start() < hold < match.end():
+                    hold = match.start()
+        segments = self._split(buf[:hold])
+        last = segments[-1]
+        if not last:  # ends with a special token (or is empty): all of it is final
+            return hold
+        *_, match = PRETOKENIZER.finditer(last)
+        return hold - len(last) + match.start()
+
+    def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
+        """Lazily encode a stream of text chunks (e.g. an open file's lines).
+
+        Gives the same ids as ``encode("".join(texts))`` while holding only an unfinished tail
+        of the text in memory (at most one pre-token plus a partial special token).
+        """
+        buf = ""
+        for chunk in texts:
+            buf += chunk
+            cut = self._safe_cut(buf)
+            if cut:
+                yield from self.encode(buf[:cut])
+                buf = buf[cut:]
+        if buf:
+            yield from self.encode(buf)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``; byte sequences that are not valid UTF-8 decode to U+FFFD."""
+        try:
+            data = b"".join(self.vocab[int(i)] for i in ids)
+        except KeyError as e:
+            raise ValueError(
+                f"id {e.args[0]} is not in this tokenizer's vocabulary "
+                f"(ids 0..{self.vocab_size - 1})"
+            ) from None
+        return data.decode("utf-8", errors="replace")
+
+    # -- files and descriptions ---------------------------------------------------------------
+
+    @classmethod
+    def _from_gpt2_format(
+        cls, encoder: dict[str, int], merge_lines: Iterable[str], special_tokens: Iterable[str]
+    ) -> Tokenizer:
+        """Build from GPT-2's spelling: ``{printable token: id}`` and ``"left right"`` lines."""
+        specials = list(special_tokens)
+        vocab = {
+            int(i): s.encode("utf-8") if s in specials else _unprintable(s)
+            for s, i in encoder.items()
+        }
+        merges = []
+        for line in merge_lines:
+            if not line.strip() or line.startswith("#version"):
+                continue
+            parts = line.rstrip("\r\n").split(" ")
+            if len(parts) != 2:
+                raise ValueError(f"a merges line must be two tokens and a space, got {line!r}")
+            merges.append((_unprintable(parts[0]), _unprintable(parts[1])))
+        return cls(vocab, merges, specials)
+
+    @classmethod
+    def from_gpt2_files(
+        cls,
+        encoder_json_path: str | os.PathLike,
+        vocab_bpe_path: str | os.PathLike,
+        special_tokens: Iterable[str] = ("<|endoftext|>",),
+    ) -> Tokenizer:
+        """GPT-2's tokenizer from its ``encoder.json`` (token -> id) and ``vocab.bpe`` (merges)."""
+        encoder = json.loads(Path(encoder_json_path).read_text(encoding="utf-8"))
+        lines = Path(vocab_bpe_path).read_text(encoding="utf-8").splitlines()
+        tok = cls._from_gpt2_format(encoder, lines, special_tokens)
+        tok._files = {
+            "encoder_json": str(encoder_json_path),
+            "vocab_bpe": str(vocab_bpe_path),
+        }
+        return tok
+
+    def _gpt2_format(self) -> tuple[dict[str, int], list[str]]:
+        encoder = {_printable(self.vocab[i]): i for i in self._encoder.values()}
+        clash = sorted(encoder.keys() & self.special_tokens.keys())
+        if clash:
+            raise ValueError(
+                f"special token {clash[0]!r} is spelled like a regular token in GPT-2's format, "
+                "so the files could not tell them apart; rename the special token"
+            )
+        encoder.update(self.special_tokens)
+        merges = [f"{_printable(a)} {_printable(b)}" for a, b in self.merges]
+        return dict(sorted(encoder.items(), key=lambda kv: kv[1])), merges
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``vocab.json``, ``merges.txt`` (GPT-2's readable spelling, e.g. ``Ġthe``) and
+        ``special_tokens.json`` into ``directory``; ``Tokenizer.load`` reads them back."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        encoder, merges = self._gpt2_format()
+        (out / "vocab.json").write_text(
+            json.dumps(encoder, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
+        )
+        (out / "merges.txt").write_text(
+            "\n".join(["#version: minigpt-bpe", *merges]) + "\n", encoding="utf-8"
+        )
+        (out / "special_tokens.json").write_text(
+            json.dumps(list(self.special_tokens), ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
+        """Read a tokenizer written by ``save``."""
+        d = Path(directory)
+        if not (d / "vocab.json").is_file() or not (d / "merges.txt").is_file():
+            raise ValueError(f"{d} has no vocab.json and merges.txt; write it with save()")
+        specials = json.loads((d / "special_tokens.json").read_text(encoding="utf-8"))
+        return cls.from_gpt2_files(d / "vocab.json", d / "merges.txt", specials)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable description (stored beside checkpoints and token files).
+
+        A tokenizer read from files refers to them; any other one carries its vocabulary.
+        """
+        if self._files is not None:
+            return {"type": "bpe-files", **self._files, "special_tokens": list(self.special_tokens)}
+        encoder, merges = self._gpt2_format()
+        return {
+            "type": "bpe",
+            "vocab": encoder,
+            "merges": merges,
+            "special_tokens": list(self.special_tokens),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Tokenizer:
+        kind = d.get("type")
+        if kind == "bpe-files":
+            return cls.from_gpt2_files(d["encoder_json"], d["vocab_bpe"], d["special_tokens"])
+        if kind == "bpe":
+            return cls._from_gpt2_format(d["vocab"], d["merges"], d["special_tokens"])
+        raise ValueError(f"not a BPE tokenizer description: type={kind!r}")
+
+    # -- the fast path ----------------------------------------------------------------------
+
+    def to_tiktoken(self, name: str = "minigpt-bpe") -> tiktoken.Encoding:
+        """The same tokenizer as a ``tiktoken.Encoding`` (encodes whole corpora much faster).
+
+        tiktoken has no merge list: it ranks each token by its id and repeatedly merges the
+        adjacent pair whose *concatenation* has the lowest rank. That agrees with our merges
+        only if every byte's id is below every merged token's id and merged tokens get
+        increasing ids in merge order (true for ``train_bpe`` and for GPT-2), which is checked.
+        Like any tiktoken encoding it refuses special tokens in the text unless you pass
+        ``allowed_special="all"`` to ``encode``.
+        """
+        made = [self._encoder[a + b] for a, b in self.merges]
+        parts = [(self._encoder[a], self._encoder[b]) for a, b in self.merges]
+        in_order = all(x < y for x, y in pairwise(made))
+        if (
+            not in_order
+            or (made and max(self._byte_ids) >= made[0])
+            or any(max(p) >= m for p, m in zip(parts, made, strict=True))
+        ):
+            raise ValueError(
+                "tiktoken ranks tokens by id, so ids must follow the merge order (bytes first, "
+                "then one new id per merge, increasing); this vocabulary does not"
+            )
+        ranks = {self.vocab[i]: i for i in self._encoder.values()}
+        return tiktoken.Encoding(
+            name=name,
+            pat_str=GPT2_SPLIT_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=dict(self.special_tokens),
+        )

@@ -1,0 +1,214 @@
+"""Byte-level BPE training: learn merges from a corpus (chapter 2).
+
+Text is cut into *pre-tokens* by GPT-2's regular expression (after removing special tokens,
+which are never merged across), every pre-token becomes a sequence of byte ids, and the most
+frequent adjacent pair is merged into a new token, again and again.
+
+Token ids of a trained vocabulary follow GPT-2's layout: ids 0-255 are the single bytes (id ==
+byte value), ids 256, 257, ... the merged tokens in the order they were learned, and the
+special tokens come last. Ties between equally frequent pairs go to the lexicographically
+greater pair of byte strings, so training is reproducible.
+
+``train_bpe_naive`` recounts every pair after each merge (easy to read, slow);
+``train_bpe`` keeps the counts up to date incrementally (same result, fast).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from itertools import pairwise
+
+import regex
+
+GPT2_SPLIT_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+PRETOKENIZER = regex.compile(GPT2_SPLIT_PATTERN)
+
+Vocab = dict[int, bytes]
+Merges = list[tuple[bytes, bytes]]
+Pair = tuple[int, int]
+
+
+def special_token_pattern(special_tokens: Iterable[str]) -> regex.Pattern | None:
+    """A pattern that finds special tokens in text, longest first (so overlaps pick the longest).
+
+    The pattern has one capturing group, so ``pattern.split(text)`` keeps the special tokens at
+    the odd positions of the result.
+    """
+    specials = sorted(set(special_tokens), key=lambda s: (-len(s), s))
+    if not specials:
+        return None
+    if any(not s for s in specials):
+        raise ValueError("special tokens must be non-empty strings")
+    return regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
+
+
+def pretokenize(text: str, special_tokens: Iterable[str] = ()) -> list[str]:
+    """The pre-tokens of ``text``: GPT-2's regex applied to the text between special tokens."""
+    pattern = special_token_pattern(special_tokens)
+    segments = pattern.split(text)[::2] if pattern else [text]
+    return [piece for segment in segments for piece in PRETOKENIZER.findall(segment)]
+
+
+def _word_counts(text: str, special_tokens: Iterable[str]) -> Counter[bytes]:
+    """How often each distinct pre-token occurs, as UTF-8 bytes."""
+    counts = Counter(pretokenize(text, special_tokens))
+    return Counter({word.encode("utf-8"): n for word, n in counts.items()})
+
+
+def _check_sizes(vocab_size: int, special_tokens: list[str]) -> None:
+    if len(set(special_tokens)) != len(special_tokens):
+        raise ValueError(f"special tokens must be distinct, got {special_tokens!r}")
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: it must hold the 256 bytes and "
+            f"{len(special_tokens)} special token(s), so use at least {256 + len(special_tokens)}"
+        )
+
+
+def merge_word(word: tuple[int, ...], pair: Pair, new_id: int) -> tuple[int, ...]:
+    """Replace every occurrence of ``pair`` in ``word`` by ``new_id``, scanning left to right."""
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def _finish(vocab: Vocab, merges: Merges, special_tokens: list[str]) -> tuple[Vocab, Merges]:
+    for token in special_tokens:
+        vocab[len(vocab)] = token.encode("utf-8")
+    return vocab, merges
+
+
+def train_bpe_naive(
+    text: str, vocab_size: int, special_tokens: Iterable[str] = ()
+) -> tuple[Vocab, Merges]:
+    """Reference BPE training: count all pairs from scratch before every merge."""
+    special_tokens = list(special_tokens)
+    _check_sizes(vocab_size, special_tokens)
+    vocab: Vocab = {i: bytes([i]) for i in range(256)}
+    merges: Merges = []
+    words = {tuple(w): n for w, n in _word_counts(text, special_tokens).items()}
+    while len(vocab) < vocab_size - len(special_tokens):
+        counts: Counter[Pair] = Counter()
+        for word, n in words.items():
+            for pair in pairwise(word):
+                counts[pair] += n
+        if not counts:  # every pre-token is a single token: nothing left to merge
+            break
+        best = max(counts, key=lambda p: (counts[p], vocab[p[0]], vocab[p[1]]))
+        new_id = len(vocab)
+        vocab[new_id] = vocab[best[0]] + vocab[best[1]]
+        merges.append((vocab[best[0]], vocab[best[1]]))
+        merged: Counter[tuple[int, ...]] = Counter()
+        for word, n in words.items():
+            merged[merge_word(word, best, new_id)] += n
+        words = merged
+    return _finish(vocab, merges, special_tokens)
+
+
+class _Descending:
+    """Wraps a pair's byte strings so that a min-heap pops the *greatest* pair first."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: tuple[bytes, bytes]) -> None:
+        self.key = key
+
+    def __lt__(self, other: _Descending) -> bool:
+        return self.key > other.key
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Descending) and self.key == other.key
+
+
+def train_bpe_from_text(
+    text: str, vocab_size: int, special_tokens: Iterable[str] = ()
+) -> tuple[Vocab, Merges]:
+    """Fast BPE training with incremental pair counts; same result as ``train_bpe_naive``.
+
+    ``counts[pair]`` is the number of times ``pair`` occurs (weighted by word frequency) and
+    ``where[pair]`` the set of distinct words that contain it. A merge only touches the words
+    that contain the merged pair. The best pair comes from a heap of ``(-count, pair)`` entries;
+    an entry whose count is out of date is simply skipped when popped ("lazy invalidation").
+    """
+    special_tokens = list(special_tokens)
+    _check_sizes(vocab_size, special_tokens)
+    vocab: Vocab = {i: bytes([i]) for i in range(256)}
+    merges: Merges = []
+    word_counts = _word_counts(text, special_tokens)
+    words: list[tuple[int, ...]] = [tuple(w) for w in word_counts]
+    freqs: list[int] = list(word_counts.values())
+
+    counts: defaultdict[Pair, int] = defaultdict(int)
+    where: defaultdict[Pair, set[int]] = defaultdict(set)
+    for index, (word, n) in enumerate(zip(words, freqs, strict=True)):
+        for pair in pairwise(word):
+            counts[pair] += n
+            where[pair].add(index)
+
+    def entry(pair: Pair) -> tuple[int, _Descending, Pair]:
+        return (-counts[pair], _Descending((vocab[pair[0]], vocab[pair[1]])), pair)
+
+    heap = [entry(pair) for pair in counts]
+    heapq.heapify(heap)
+
+    while len(vocab) < vocab_size - len(special_tokens):
+        best = None
+        while heap:
+            neg_count, _, pair = heapq.heappop(heap)
+            if counts.get(pair, 0) == -neg_count > 0:  # skip entries that went stale
+                best = pair
+                break
+        if best is None:  # nothing left to merge
+            break
+        new_id = len(vocab)
+        vocab[new_id] = vocab[best[0]] + vocab[best[1]]
+        merges.append((vocab[best[0]], vocab[best[1]]))
+
+        changed: set[Pair] = set()
+        for index in where.pop(best):
+            old, n = words[index], freqs[index]
+            new = merge_word(old, best, new_id)
+            words[index] = new
+            for pair in pairwise(old):
+                counts[pair] -= n
+                changed.add(pair)
+            for pair in pairwise(new):
+                counts[pair] += n
+                changed.add(pair)
+            for pair in set(pairwise(old)) - set(pairwise(new)):
+                if pair != best:
+                    where[pair].discard(index)
+            for pair in pairwise(new):
+                where[pair].add(index)
+        for pair in changed:
+            if counts[pair] > 0:
+                heapq.heappush(heap, entry(pair))
+            else:
+                del counts[pair]
+                where.pop(pair, None)
+    return _finish(vocab, merges, special_tokens)
+
+
+def train_bpe(
+    input_path: str | os.PathLike, vocab_size: int, special_tokens: Iterable[str] = ()
+) -> tuple[Vocab, Merges]:
+    """Train a byte-level BPE on the UTF-8 text file ``input_path``.
+
+    Returns ``(vocab, merges)``: ``vocab`` maps every id to its bytes (bytes 0-255, then the
+    merged tokens in learning order, then ``special_tokens``), ``merges`` lists the merged pairs
+    in the order they were learned. ``vocab_size`` counts all three kinds of token.
+    """
+    with open(input_path, encoding="utf-8") as f:
+        text = f.read()
+    return train_bpe_from_text(text, vocab_size, special_tokens)
