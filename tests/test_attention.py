@@ -1,0 +1,126 @@
+"""Attention from scratch vs torch, rotary embeddings vs their complex-number formula."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt.attention import (
+    apply_rope,
+    attention_weights,
+    rope_cos_sin,
+    scaled_dot_product_attention,
+)
+
+
+def qkv(B=2, H=3, L=5, S=5, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, L, D, generator=g), torch.randn(B, H, S, D, generator=g),
+            torch.randn(B, H, S, D, generator=g))
+
+
+def test_plain_equals_torch():
+    q, k, v = qkv(L=4, S=6)
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v),
+                               F.scaled_dot_product_attention(q, k, v))
+
+
+def test_causal_equals_torch_square_and_rectangular():
+    for L, S in ((5, 5), (3, 7)):
+        q, k, v = qkv(L=L, S=S)
+        torch.testing.assert_close(
+            scaled_dot_product_attention(q, k, v, is_causal=True),
+            F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        )
+
+
+def test_boolean_mask_equals_torch():
+    q, k, v = qkv(L=4, S=6)
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[:, 0] = True  # every query sees at least one key
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, mask=mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_additive_mask_and_scale_equal_torch():
+    q, k, v = qkv(L=4, S=6)
+    mask = torch.randn(2, 1, 4, 6)
+    mask[..., 2] = float("-inf")
+    torch.testing.assert_close(
+        scaled_dot_product_attention(q, k, v, mask=mask, scale=0.3),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3),
+    )
+
+
+def test_gqa_equals_torch_and_repeated_heads():
+    q, _, _ = qkv(H=6)
+    _, k, v = qkv(H=2, seed=1)
+    expected = scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), is_causal=True
+    )
+    ours = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(
+        ours, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    )
+
+
+def test_weights_are_causal_distributions():
+    q, k, _ = qkv(L=6, S=6)
+    w = attention_weights(q, k, is_causal=True)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 6))
+    assert torch.all(w.triu(1) == 0)
+
+
+def test_mask_and_is_causal_together_is_an_error():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="not both"):
+        scaled_dot_product_attention(q, k, v, mask=torch.ones(5, 5, dtype=torch.bool),
+                                     is_causal=True)
+
+
+def test_rope_equals_complex_rotation():
+    torch.manual_seed(0)
+    T, D, theta = 7, 8, 10000.0
+    x = torch.randn(2, 3, T, D, dtype=torch.float64)
+    pos = torch.arange(T)
+    cos, sin = rope_cos_sin(pos, D, theta, dtype=torch.float64)
+    ours = apply_rope(x, cos, sin)
+    freqs = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # theta_i
+    rot = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), pos[:, None] * freqs)
+    expected = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, T, D // 2, 2)) * rot)
+    torch.testing.assert_close(ours, expected.reshape(2, 3, T, D))
+
+
+def test_rope_keeps_norms_and_position_zero():
+    x = torch.randn(4, 16)
+    cos, sin = rope_cos_sin(torch.arange(4), 16)
+    y = apply_rope(x, cos, sin)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(y[0], x[0])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    D = 16
+    q, k = torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+
+    def score(m, n):
+        cos, sin = rope_cos_sin(torch.tensor([m, n]), D, dtype=torch.float64)
+        rq, rk = apply_rope(torch.stack([q, k]), cos, sin)
+        return float(rq @ rk)
+
+    assert math.isclose(score(3, 1), score(10, 8), rel_tol=1e-5)
+    assert math.isclose(score(0, 5), score(20, 25), rel_tol=1e-5)
+    assert not math.isclose(score(3, 1), score(3, 2), rel_tol=1e-3)
+
+
+def test_rope_per_sequence_positions_broadcast_over_heads():
+    x = torch.randn(2, 3, 4, 8)
+    pos = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8]])
+    cos, sin = rope_cos_sin(pos, 8)
+    y = apply_rope(x, cos, sin)
+    for b in range(2):
+        cb, sb = rope_cos_sin(pos[b], 8)
+        torch.testing.assert_close(y[b], apply_rope(x[b], cb, sb))
