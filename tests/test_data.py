@@ -18,7 +18,9 @@ import tiktoken.registry
 import torch
 
 from minigpt import data
+from minigpt.bpe import train_bpe_from_text
 from minigpt.tokenizer import CharTokenizer
+from minigpt.tokenizer import Tokenizer as BPETokenizer
 
 MIRROR = os.environ.get(data.MIRROR_ENV)  # the real mirror, read before tests change the env
 needs_mirror = pytest.mark.skipif(
@@ -296,6 +298,10 @@ def test_prepare_bin_rejects_bad_input(tmp_path):
         data.prepare_bin("", CharTokenizer("a"), tmp_path)
     with pytest.raises(ValueError, match="val_fraction"):
         data.prepare_bin(TEXT, CharTokenizer.from_text(TEXT), tmp_path, val_fraction=1.0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    with pytest.raises(ValueError, match=r"pathlib\.Path"):  # a str is the text, not a path
+        data.prepare_bin(str(corpus), CharTokenizer.from_text(TEXT + str(corpus)), tmp_path)
     assert not (tmp_path / "train.bin").exists() and not (tmp_path / "meta.json").exists()
 
 
@@ -317,3 +323,35 @@ def test_get_batch_uses_every_window_and_rejects_short_data():
     assert x[:, 0].unique().tolist() == [0] and y[:, -1].unique().tolist() == [4]
     with pytest.raises(ValueError, match="at least 6"):
         data.get_batch(tokens, 1, 5)
+
+
+@needs_mirror
+def test_load_tokenizer_rebuilds_every_kind_of_description(cache, monkeypatch):
+    monkeypatch.setenv(data.MIRROR_ENV, MIRROR)
+    gpt2 = data.gpt2_tokenizer()
+    d = json.loads(json.dumps(gpt2.to_dict()))
+    assert d["type"] == "gpt2" and str(cache) not in json.dumps(d)
+    text = "Hello world<|endoftext|> again"
+    assert data.load_tokenizer(d).encode(text) == gpt2.encode(text) == [
+        15496, 995, 50256, 757,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="sha256"):
+        data.load_tokenizer({**d, "vocab_bpe_sha256": "0" * 64})
+    char = CharTokenizer.from_text(TEXT)
+    assert data.load_tokenizer(char.to_dict()).chars == char.chars
+    vocab, merges = train_bpe_from_text(TEXT, 270, ["<|endoftext|>"])
+    bpe = BPETokenizer(vocab, merges, ["<|endoftext|>"])
+    assert data.load_tokenizer(json.loads(json.dumps(bpe.to_dict()))).vocab == bpe.vocab
+    with pytest.raises(ValueError, match="wordpiece"):
+        data.load_tokenizer({"type": "wordpiece"})
+
+
+@needs_mirror
+def test_prepare_bin_identifies_gpt2_by_content_not_by_path(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(data.MIRROR_ENV, MIRROR)
+    here = data.gpt2_tokenizer()
+    for name, file in (("gpt2-encoder", "encoder.json"), ("gpt2-vocab", "vocab.bpe")):
+        (tmp_path / file).write_bytes(data.path(name).read_bytes())
+    elsewhere = BPETokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+    first = data.prepare_bin(TEXT, here, tmp_path / "bin")
+    assert data.prepare_bin(TEXT, elsewhere, tmp_path / "bin") == first

@@ -293,6 +293,9 @@ def test_input_errors():
         (dict(n_layer=0), "n_layer"),
         (dict(dropout=1.0), "dropout"),
         (dict(n_embd=12, n_head=4, pos_emb="rope"), "odd"),
+        (dict(n_kv_head=2.0), "n_kv_head"),
+        (dict(n_kv_head=0), "n_kv_head"),
+        (dict(mlp_hidden=64.5), "mlp_hidden"),
     ],
 )
 def test_config_validation(kw, match):

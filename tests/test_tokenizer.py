@@ -246,12 +246,38 @@ def test_save_load_and_dict_round_trip(small_bpe, tmp_path):
         Tokenizer.from_dict({"type": "char", "chars": "ab"})
     with pytest.raises(ValueError, match="save"):
         Tokenizer.load(tmp_path / "nothing-here")
+    (tmp_path / "tok" / "special_tokens.json").unlink()
+    with pytest.raises(ValueError, match="special_tokens.json"):
+        Tokenizer.load(tmp_path / "tok")
 
 
-def test_gpt2_to_dict_refers_to_files(gpt2):
+def test_gpt2_to_dict_names_the_published_files_by_hash_not_by_path(gpt2, tmp_path):
     d = json.loads(json.dumps(gpt2.to_dict()))
-    assert d["type"] == "bpe-files"
-    assert Tokenizer.from_dict(d).encode(SAMPLE) == gpt2.encode(SAMPLE)
+    assert d == {
+        "type": "gpt2",
+        "special_tokens": [EOT],
+        "encoder_json_sha256": data.REGISTRY["gpt2-encoder"].sha256,
+        "vocab_bpe_sha256": data.REGISTRY["gpt2-vocab"].sha256,
+    }
+    # the same files anywhere else (another machine, another cache) give the same description
+    for name, file in (("gpt2-encoder", "encoder.json"), ("gpt2-vocab", "vocab.bpe")):
+        (tmp_path / file).write_bytes(data.path(name).read_bytes())
+    moved = Tokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+    assert moved.to_dict() == d
+    with pytest.raises(ValueError, match="minigpt.data.load_tokenizer"):
+        Tokenizer.from_dict(d)
+
+
+def test_other_files_in_gpt2_format_describe_their_vocabulary(small_bpe, tmp_path):
+    small_bpe.save(tmp_path)
+    d = Tokenizer.load(tmp_path).to_dict()
+    assert d["type"] == "bpe" and str(tmp_path) not in json.dumps(d)
+    assert Tokenizer.from_dict(d).encode(SAMPLE) == small_bpe.encode(SAMPLE)
+
+
+def test_gpt2_files_without_their_special_token_say_so():
+    with pytest.raises(ValueError, match="special_tokens"):
+        Tokenizer.from_gpt2_files(data.path("gpt2-encoder"), data.path("gpt2-vocab"), [])
 
 
 def test_to_tiktoken_equals_our_encoder(

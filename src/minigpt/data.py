@@ -12,6 +12,9 @@
 A file lands in the cache only after verification, through a temporary file in the same
 directory that is fsync'ed and then renamed with ``os.replace`` (atomic), so a failed or
 partial download never looks like a good file.
+
+``gpt2_tokenizer()`` and ``tiktoken_gpt2()`` build GPT-2's tokenizer from those files, and
+``load_tokenizer(d)`` rebuilds any tokenizer from its ``to_dict()`` description.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import tempfile
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPException
@@ -35,6 +38,8 @@ from typing import BinaryIO, Protocol
 import numpy as np
 import tiktoken
 import torch
+
+from minigpt import tokenizer as tokenizers
 
 MIRROR_ENV = "MINIGPT_DATA_MIRROR"
 CACHE_ENV = "MINIGPT_CACHE_DIR"
@@ -129,9 +134,9 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in [
           "tinyshakespeare/input.txt",
           sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
     Entry("gpt2-encoder", _GPT2 + "encoder.json", "gpt2/encoder.json",
-          sha256="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+          sha256=tokenizers.GPT2_FILES_SHA256["encoder_json_sha256"]),
     Entry("gpt2-vocab", _GPT2 + "vocab.bpe", "gpt2/vocab.bpe",
-          sha256="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+          sha256=tokenizers.GPT2_FILES_SHA256["vocab_bpe_sha256"]),
     # Copies of this file differ in bytes from the one in the UCI zip, so no hash is pinned:
     # the content is checked by its documented format instead.
     Entry("sms-spam", "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
@@ -302,6 +307,38 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
+def gpt2_tokenizer(special_tokens: Iterable[str] = ("<|endoftext|>",)) -> tokenizers.Tokenizer:
+    """GPT-2's byte-level BPE (``minigpt.tokenizer.Tokenizer``) from its verified files."""
+    return tokenizers.Tokenizer.from_gpt2_files(
+        path("gpt2-encoder"), path("gpt2-vocab"), special_tokens
+    )
+
+
+def load_tokenizer(d: dict) -> Tokenizer:
+    """Rebuild a tokenizer from its ``to_dict()`` description (as kept in checkpoints).
+
+    ``"char"`` and ``"bpe"`` descriptions hold their vocabulary; ``"gpt2"`` names GPT-2's
+    published files by their SHA-256, and is rebuilt from this registry's copies of them.
+    """
+    kind = d.get("type")
+    if kind == "char":
+        return tokenizers.CharTokenizer.from_dict(d)
+    if kind == "bpe":
+        return tokenizers.Tokenizer.from_dict(d)
+    if kind == "gpt2":
+        wanted = {k: d.get(k) for k in tokenizers.GPT2_FILES_SHA256}
+        if wanted != tokenizers.GPT2_FILES_SHA256:
+            raise ValueError(
+                f"this 'gpt2' description names files with sha256 {wanted}, but GPT-2's files "
+                f"are {tokenizers.GPT2_FILES_SHA256}; it was not written by minigpt's to_dict()"
+            )
+        return gpt2_tokenizer(d["special_tokens"])
+    raise ValueError(
+        f"unknown tokenizer type {kind!r}; expected 'char', 'bpe' or 'gpt2' "
+        "(a description written by a tokenizer's to_dict())"
+    )
+
+
 def _blocks(source: str | os.PathLike, size: int) -> Iterator[str]:
     """The text of ``source`` (a string, or a path to a UTF-8 file) in blocks of ``size``."""
     if isinstance(source, str):
@@ -366,6 +403,11 @@ def prepare_bin(
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(text_or_path, str) and "\n" not in text_or_path and os.path.isfile(text_or_path):
+        raise ValueError(
+            f"{text_or_path!r} names a file, but a str is taken as the text itself; "
+            f"pass pathlib.Path({text_or_path!r}) to tokenise the file"
+        )
     if tokenizer.vocab_size > 1 << 16:
         raise ValueError(
             f"vocab_size {tokenizer.vocab_size} does not fit the uint16 token files (ids must "

@@ -49,6 +49,10 @@ _CHOICES = {
 }
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass
 class GPTConfig:
     """Hyper-parameters of a GPT; invalid values raise a ValueError when the config is built."""
@@ -71,7 +75,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
@@ -81,9 +85,11 @@ class GPTConfig:
                 f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
                 "(each head gets n_embd // n_head dimensions)"
             )
-        if self.n_kv_head is not None and (
-            self.n_kv_head < 1 or self.n_head % self.n_kv_head
-        ):
+        for name in ("n_kv_head", "mlp_hidden"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(
                 f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} "
                 "(each key/value head serves n_head // n_kv_head query heads)"
@@ -92,8 +98,6 @@ class GPTConfig:
             raise ValueError(f"RoPE rotates pairs of dimensions: head_dim={self.head_dim} is odd")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.mlp_hidden is not None and self.mlp_hidden < 1:
-            raise ValueError(f"mlp_hidden must be positive or None, got {self.mlp_hidden}")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
 

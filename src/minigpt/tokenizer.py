@@ -8,6 +8,7 @@ hand its vocabulary to tiktoken for fast encoding of whole corpora.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,21 @@ from pathlib import Path
 
 import tiktoken
 
-from minigpt.bpe import GPT2_SPLIT_PATTERN, PRETOKENIZER, Merges, Vocab, special_token_pattern
+from minigpt.bpe import (
+    GPT2_SPLIT_PATTERN,
+    PRETOKENIZER,
+    Merges,
+    Vocab,
+    merge_word,
+    special_token_pattern,
+)
+
+# SHA-256 of the files OpenAI published for GPT-2's tokenizer. A tokenizer read from exactly
+# these files describes itself by them (``to_dict``) instead of by a path on one machine.
+GPT2_FILES_SHA256 = {
+    "encoder_json_sha256": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab_bpe_sha256": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
 
 
 class CharTokenizer:
@@ -144,7 +159,8 @@ class Tokenizer:
             else:
                 raise ValueError(
                     f"vocab id {i} ({token!r}) is a duplicate or neither a byte, the result of a "
-                    "merge nor a special token; pass a vocab built with its merges (train_bpe)"
+                    "merge nor a special token; pass a vocab built with its merges (train_bpe) "
+                    "and list tokens such as '<|endoftext|>' in special_tokens"
                 )
         for token in specials:
             if token not in self.special_tokens:
@@ -166,7 +182,7 @@ class Tokenizer:
         self._byte_ids = [self._encoder[bytes([b])] for b in range(256)]
         self._special_pattern = special_token_pattern(self.special_tokens)
         self._cache: dict[str, tuple[int, ...]] = {}
-        self._files: dict | None = None
+        self._is_gpt2 = False  # read from GPT-2's own files (see from_gpt2_files)
 
     @property
     def vocab_size(self) -> int:
@@ -177,22 +193,14 @@ class Tokenizer:
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
         """Encode one pre-token: merge the lowest-ranked adjacent pair until none is left."""
-        ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
+        ids = tuple(self._byte_ids[b] for b in piece.encode("utf-8"))
         rank, never = self._rank, len(self.merges)
         while len(ids) > 1:
             pair = min(pairwise(ids), key=lambda p: rank.get(p, never))
             if pair not in rank:
                 break
-            new_id, out, i = self._merged[pair], [], 0
-            while i < len(ids):
-                if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
-        return tuple(ids)
+            ids = merge_word(ids, pair, self._merged[pair])
+        return ids
 
     def _encode_ordinary(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (which holds no special tokens) to ``out``."""
@@ -300,13 +308,18 @@ class Tokenizer:
         vocab_bpe_path: str | os.PathLike,
         special_tokens: Iterable[str] = ("<|endoftext|>",),
     ) -> Tokenizer:
-        """GPT-2's tokenizer from its ``encoder.json`` (token -> id) and ``vocab.bpe`` (merges)."""
-        encoder = json.loads(Path(encoder_json_path).read_text(encoding="utf-8"))
-        lines = Path(vocab_bpe_path).read_text(encoding="utf-8").splitlines()
-        tok = cls._from_gpt2_format(encoder, lines, special_tokens)
-        tok._files = {
-            "encoder_json": str(encoder_json_path),
-            "vocab_bpe": str(vocab_bpe_path),
+        """GPT-2's tokenizer from its ``encoder.json`` (token -> id) and ``vocab.bpe`` (merges).
+
+        Files in the same format with other content (e.g. written by ``save``) work too.
+        ``minigpt.data.gpt2_tokenizer()`` calls this with verified copies of GPT-2's files.
+        """
+        encoder = Path(encoder_json_path).read_bytes()
+        merges = Path(vocab_bpe_path).read_bytes()
+        lines = merges.decode("utf-8").splitlines()
+        tok = cls._from_gpt2_format(json.loads(encoder), lines, special_tokens)
+        tok._is_gpt2 = GPT2_FILES_SHA256 == {
+            "encoder_json_sha256": hashlib.sha256(encoder).hexdigest(),
+            "vocab_bpe_sha256": hashlib.sha256(merges).hexdigest(),
         }
         return tok
 
@@ -342,18 +355,24 @@ class Tokenizer:
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
         """Read a tokenizer written by ``save``."""
         d = Path(directory)
-        if not (d / "vocab.json").is_file() or not (d / "merges.txt").is_file():
-            raise ValueError(f"{d} has no vocab.json and merges.txt; write it with save()")
+        files = ("vocab.json", "merges.txt", "special_tokens.json")
+        missing = [name for name in files if not (d / name).is_file()]
+        if missing:
+            raise ValueError(f"{d} has no {', '.join(missing)}; write the tokenizer with save()")
         specials = json.loads((d / "special_tokens.json").read_text(encoding="utf-8"))
         return cls.from_gpt2_files(d / "vocab.json", d / "merges.txt", specials)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable description (stored beside checkpoints and token files).
 
-        A tokenizer read from files refers to them; any other one carries its vocabulary.
+        GPT-2's tokenizer (read from GPT-2's own files) is ``{"type": "gpt2", ...}``: it names
+        the files by their SHA-256, so it holds no path and means the same on every machine;
+        ``minigpt.data.load_tokenizer`` rebuilds it. Any other one carries its vocabulary
+        (``"type": "bpe"``) and ``from_dict`` rebuilds it.
         """
-        if self._files is not None:
-            return {"type": "bpe-files", **self._files, "special_tokens": list(self.special_tokens)}
+        if self._is_gpt2:
+            specials = list(self.special_tokens)
+            return {"type": "gpt2", "special_tokens": specials, **GPT2_FILES_SHA256}
         encoder, merges = self._gpt2_format()
         return {
             "type": "bpe",
@@ -364,12 +383,19 @@ class Tokenizer:
 
     @classmethod
     def from_dict(cls, d: dict) -> Tokenizer:
+        """Rebuild a ``"type": "bpe"`` description written by ``to_dict``."""
         kind = d.get("type")
-        if kind == "bpe-files":
-            return cls.from_gpt2_files(d["encoder_json"], d["vocab_bpe"], d["special_tokens"])
-        if kind == "bpe":
-            return cls._from_gpt2_format(d["vocab"], d["merges"], d["special_tokens"])
-        raise ValueError(f"not a BPE tokenizer description: type={kind!r}")
+        if kind == "gpt2":
+            raise ValueError(
+                "a 'gpt2' description names GPT-2's published files, which this module does not "
+                "fetch; rebuild it with minigpt.data.load_tokenizer(d)"
+            )
+        if kind != "bpe":
+            raise ValueError(
+                f"not a BPE tokenizer description: type={kind!r}; "
+                "minigpt.data.load_tokenizer(d) rebuilds every kind"
+            )
+        return cls._from_gpt2_format(d["vocab"], d["merges"], d["special_tokens"])
 
     # -- the fast path ----------------------------------------------------------------------
 
