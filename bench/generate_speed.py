@@ -1,0 +1,185 @@
+"""Decoding speed: tokens/s of ``minigpt.generate`` with and without the KV cache, against
+Hugging Face ``transformers`` ``generate(use_cache=True, do_sample=False)`` on the same shapes.
+
+Run by hand from the repository root (needs ``pip install transformers``, a bench-only
+dependency):
+
+    python bench/generate_speed.py                 # char model + GPT-2 small, 128/512/1024 tokens
+    python bench/generate_speed.py --models char --lengths 128 512 --repeats 5
+
+Batch 1, greedy, an 8-token prompt; every timing is the median of ``--repeats`` runs after a
+warm-up. Models:
+
+* ``char``: the shipped Shakespeare character model's shape (``data/checkpoints/shakespeare-char``
+  if it exists, else a 4-layer 128-wide stand-in), loaded weights when present;
+* ``gpt2``: GPT-2 small (124M), random weights.
+
+Both frameworks get a context of prompt + longest length, so neither has to slide a window and
+they do exactly the same arithmetic. The uncached loop costs O(n^2) in the number of generated
+tokens, so for GPT-2 it is timed only up to ``--uncached-max`` tokens. Writes a table to stdout
+and ``bench/out/generate_speed.png`` (tokens/s, and the cache's speed-up, against length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from minigpt.generate import generate
+from minigpt.model import GPT, GPTConfig, gpt2_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_LEN = 8
+
+
+def char_config(context: int) -> tuple[GPTConfig, Path | None]:
+    """The shipped char model's config with the context widened to ``context`` tokens."""
+    ckpt = ROOT / "data" / "checkpoints" / "shakespeare-char"
+    if (ckpt / "config.json").is_file():
+        from minigpt.checkpoint import load_model
+
+        model, _ = load_model(ckpt)
+        cfg = model.config.to_dict()
+    else:
+        ckpt = None
+        cfg = GPTConfig(vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=128).to_dict()
+    cfg.update(block_size=max(cfg["block_size"], context), dropout=0.0)
+    return GPTConfig(**cfg), ckpt
+
+
+def build_models(name: str, context: int):
+    """Our GPT and a Hugging Face GPT2LMHeadModel with the same shapes (eval mode)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if name == "gpt2":
+        cfg, ckpt = gpt2_config("gpt2", block_size=max(1024, context)), None
+    else:
+        cfg, ckpt = char_config(context)
+    torch.manual_seed(0)
+    ours = GPT(cfg).eval()
+    if ckpt is not None:  # the trained weights; positions past the trained context stay random
+        from minigpt.checkpoint import load_model
+
+        trained, _ = load_model(ckpt)
+        state = trained.state_dict()
+        wpe = state.get("transformer.wpe.weight")
+        if wpe is not None:
+            full = ours.transformer.wpe.weight.detach().clone()
+            full[: wpe.size(0)] = wpe
+            state["transformer.wpe.weight"] = full
+        ours.load_state_dict(state)
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=None, eos_token_id=None,
+        pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    hf = GPT2LMHeadModel(hf_cfg).eval()
+    return ours, hf, ckpt
+
+
+def median_times(fns: dict, repeats: dict) -> dict:
+    """Median wall time of each function; the runs are interleaved so that a change in the
+    machine's load hits every variant alike."""
+    times: dict = {name: [] for name in fns}
+    for r in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if r < repeats[name]:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_model(name: str, lengths: list[int], repeats: int, uncached_max: int) -> list[dict]:
+    ours, hf, ckpt = build_models(name, PROMPT_LEN + max(lengths))
+    print(f"\n## {name}: {ours.num_params() / 1e6:.1f}M parameters, "
+          f"{'weights from ' + str(ckpt.relative_to(ROOT)) if ckpt else 'random weights'}")
+    prompt = torch.randint(0, ours.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator()
+                           .manual_seed(0))
+
+    def variants(n: int) -> dict:
+        def run_ours(cache: bool) -> None:
+            out = generate(ours, prompt, n, temperature=0, use_cache=cache)
+            assert len(out[0]) == n
+
+        def run_hf() -> None:
+            with torch.inference_mode():
+                out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                  use_cache=True, max_new_tokens=n, min_new_tokens=n)
+            assert out.size(1) == PROMPT_LEN + n
+
+        fns = {"cached": lambda: run_ours(True), "hf": run_hf}
+        if name == "char" or n <= uncached_max:
+            fns["uncached"] = lambda: run_ours(False)
+        return fns
+
+    warm_up = variants(16)
+    median_times(warm_up, {k: 1 for k in warm_up})
+    rows = []
+    for n in lengths:
+        fns = variants(n)
+        reps = {k: repeats if k != "uncached" else max(1, repeats // 2) for k in fns}
+        row = {"model": name, "tokens": n}
+        row.update({k: n / t for k, t in median_times(fns, reps).items()})
+        rows.append(row)
+        unc = row.get("uncached")
+        print(f"{n:5d} tokens | minigpt cached {row['cached']:8.1f} tok/s | "
+              f"uncached {unc if unc is None else f'{unc:8.1f}'} tok/s | "
+              f"HF cached {row['hf']:8.1f} tok/s | ours/HF {row['cached'] / row['hf']:.2f}x"
+              + (f" | cache speed-up {row['cached'] / unc:.1f}x" if unc else ""))
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in sorted({r["model"] for r in rows}):
+        rs = [r for r in rows if r["model"] == name]
+        n = [r["tokens"] for r in rs]
+        ax1.plot(n, [r["cached"] for r in rs], "o-", label=f"{name}: minigpt, KV cache")
+        ax1.plot(n, [r["hf"] for r in rs], "s--", label=f"{name}: HF generate")
+        un = [r for r in rs if "uncached" in r]
+        ax1.plot([r["tokens"] for r in un], [r["uncached"] for r in un], "x:",
+                 label=f"{name}: minigpt, no cache")
+        ax2.plot([r["tokens"] for r in un], [r["cached"] / r["uncached"] for r in un], "o-",
+                 label=name)
+    ax1.set(xscale="log", yscale="log", xlabel="generated tokens", ylabel="tokens / s",
+            title="Greedy decoding speed, batch 1")
+    ax2.set(xscale="log", xlabel="generated tokens", ylabel="cached / uncached tokens/s",
+            title="KV-cache speed-up grows with length")
+    ax1.legend(fontsize=7)
+    ax2.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"\nwrote {path.relative_to(ROOT)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["char", "gpt2"], choices=["char", "gpt2"])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[128, 512, 1024])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--uncached-max", type=int, default=128,
+                    help="longest uncached run for gpt2 (the uncached loop is O(n^2))")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, prompt {PROMPT_LEN} tokens, "
+          f"medians of {args.repeats} runs")
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.lengths, args.repeats, args.uncached_max)
+    plot(rows, ROOT / "bench" / "out" / "generate_speed.png")
+
+
+if __name__ == "__main__":
+    main()
