@@ -1,0 +1,49 @@
+"""Copy a finished training run into data/checkpoints/NAME and record it in manifest.json.
+
+    python data/checkpoints/make_manifest.py NAME RUN_DIR "python -m minigpt train ..." OUT_DIR
+
+The run may have written to any RUN_DIR (e.g. via --set out_dir=...); the stored config gets
+OUT_DIR (the config file's own relative out_dir) instead, so no machine path is recorded.
+
+Copies model.safetensors, config.json and log.jsonl (not the resumable ckpt.pt) and records,
+per file, its SHA-256 and size, plus the command that trained it, the final loss on the whole
+validation split, the wall time and the throughput (from config.json's "train" entry).
+"""
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FILES = ("model.safetensors", "config.json", "log.jsonl")
+
+
+def main(name: str, run_dir: str, command: str, out_dir: str) -> None:
+    dest = HERE / name
+    dest.mkdir(exist_ok=True)
+    for f in FILES:
+        shutil.copyfile(Path(run_dir, f), dest / f)
+    # out_dir only says where the run wrote its files; store the config file's relative one
+    config = json.loads((dest / "config.json").read_text())
+    config["train"]["config"]["out_dir"] = out_dir
+    (dest / "config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n")
+    train = config["train"]
+    manifest_file = HERE / "manifest.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    manifest[name] = {
+        "command": command,
+        "val_loss": train["val_loss"],
+        "iterations": train["iterations"],
+        "params": train["params"],
+        "wall_time_s": round(train["wall_time"], 1),
+        "tokens_per_s": round(train["tokens_per_s"]),
+        "files": {f: {"sha256": hashlib.sha256((dest / f).read_bytes()).hexdigest(),
+                      "bytes": (dest / f).stat().st_size} for f in FILES},
+    }
+    manifest_file.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])

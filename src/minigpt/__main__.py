@@ -1,0 +1,5 @@
+"""``python -m minigpt``: the command line (see ``minigpt.cli``)."""
+
+from minigpt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,343 @@
+"""Fine-tuning: PEFT wrappers, the classification pipeline and instruction tuning (tiny models)."""
+
+import copy
+
+import pytest
+import torch
+
+from minigpt import peft
+from minigpt.finetune import (
+    ClassificationConfig,
+    GPTClassifier,
+    MethodConfig,
+    accuracy,
+    confusion_matrix,
+    deduplicate,
+    load_sms_spam,
+    make_classifier,
+    pad_batch,
+    precision_recall_f1,
+    run_classification,
+    stratified_split,
+    undersample,
+)
+from minigpt.instruct import (
+    IGNORE,
+    InstructionConfig,
+    collate,
+    encode_entries,
+    encode_example,
+    evaluate_lm,
+    format_alpaca,
+    format_chat,
+    masked_lm_loss,
+    run_instruction,
+)
+from minigpt.model import GPT, GPTConfig
+
+CFG = GPTConfig(vocab_size=64, block_size=32, n_layer=3, n_head=2, n_embd=16)
+C = CFG.n_embd
+
+
+@pytest.fixture
+def base():
+    torch.manual_seed(0)
+    return GPT(CFG).eval()
+
+
+@pytest.fixture
+def idx():
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _grads_only_in(model, idx, expected_names):
+    """Backprop a loss; the parameters with gradients are exactly the trainable ones."""
+    model.zero_grad()
+    model(idx)[0].square().mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
+    assert all(expected_names(n) for n in trainable), sorted(trainable)
+
+
+# ------------------------------------------------------------------------------- PEFT
+def test_count_parameters_counts_tied_weights_once(base):
+    assert peft.count_parameters(base) == base.num_params(non_embedding=False)
+    assert peft.count_parameters(peft.freeze(base)) == 0
+
+
+def test_freeze_all_but_top(base, idx):
+    peft.freeze_all_but_top(base, 1)
+    _grads_only_in(base, idx, lambda n: n.startswith(("transformer.h.2.", "transformer.ln_f.")))
+    block = sum(p.numel() for p in base.transformer.h[2].parameters())
+    assert peft.count_parameters(base) == block + 2 * C
+    with pytest.raises(ValueError, match=r"k must be in \[0, 3\]"):
+        peft.freeze_all_but_top(base, 4)
+
+
+def test_lora_starts_equal_trains_only_ab_and_counts(base, idx):
+    ref = base(idx)[0]
+    targets = ("attn.c_attn", "mlp.c_fc")
+    lora = peft.add_lora(copy.deepcopy(base), rank=4, alpha=8.0, targets=targets)
+    torch.testing.assert_close(lora(idx)[0], ref, rtol=0, atol=0)
+    assert isinstance(lora.transformer.h[0].attn.c_attn, peft.LoRALinear)
+    assert not isinstance(lora.transformer.h[0].attn.c_proj, peft.LoRALinear)
+    _grads_only_in(lora, idx, lambda n: n.endswith(("lora_A", "lora_B")))
+    per_block = 4 * (C + 3 * C) + 4 * (C + 4 * C)  # r (in + out) for c_attn and c_fc
+    assert peft.count_parameters(lora) == CFG.n_layer * per_block
+    with pytest.raises(ValueError, match="no nn.Linear matches"):
+        peft.add_lora(copy.deepcopy(base), targets=("q_proj",))
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        peft.LoRALinear(torch.nn.Linear(4, 4), rank=0)
+
+
+def test_lora_merge_and_unmerge(base, idx):
+    lora = peft.add_lora(copy.deepcopy(base), rank=2, targets=("c_attn", "c_proj"))
+    weights = {n: p.detach().clone() for n, p in lora.named_parameters() if "base" in n}
+    with torch.no_grad():
+        for layer in lora.modules():
+            if isinstance(layer, peft.LoRALinear):
+                layer.lora_B.normal_()
+    adapted = lora(idx)[0]
+    assert (adapted - base(idx)[0]).abs().max() > 1e-3  # the update does something
+    peft.merge_lora(lora)
+    assert all(m.merged for m in lora.modules() if isinstance(m, peft.LoRALinear))
+    torch.testing.assert_close(lora(idx)[0], adapted, rtol=1e-5, atol=1e-5)
+    layer = lora.transformer.h[1].attn.c_attn
+    torch.testing.assert_close(layer.weight, weights["transformer.h.1.attn.c_attn.base.weight"]
+                               + layer.lora_B @ layer.lora_A * layer.scaling)
+    peft.merge_lora(lora)  # merging twice is a no-op
+    peft.unmerge_lora(lora)
+    for n, p in lora.named_parameters():
+        if "base" in n:
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
+    torch.testing.assert_close(lora(idx)[0], adapted, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        peft.merge_lora(base)
+
+
+def test_adapters_start_as_identity_and_train_only_themselves(base, idx):
+    ref = base(idx)[0]
+    model = peft.add_adapters(copy.deepcopy(base), bottleneck=4)
+    torch.testing.assert_close(model(idx)[0], ref, rtol=0, atol=0)
+    _grads_only_in(model, idx, lambda n: ".adapter." in n or ".ln_" in n)
+    adapter = 2 * C * 4 + 4 + C  # down (C x m + m) and up (m x C + C)
+    norms = CFG.n_layer * 4 * C + 2 * C
+    assert peft.count_parameters(model) == CFG.n_layer * 2 * adapter + norms
+    frozen_norms = peft.add_adapters(copy.deepcopy(base), bottleneck=4, train_norms=False)
+    assert peft.count_parameters(frozen_norms) == CFG.n_layer * 2 * adapter
+    with torch.no_grad():
+        model.transformer.h[0].mlp.adapter.up.weight.normal_()
+    assert (model(idx)[0] - ref).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="already has adapters"):
+        peft.add_adapters(model)
+
+
+def test_prompt_tuning_is_a_prefix_of_learned_vectors(base, idx):
+    tuned = peft.PromptTuning(copy.deepcopy(base), n_prompt=5, seed=3)
+    rows = torch.randint(CFG.vocab_size, (5,), generator=torch.Generator().manual_seed(3))
+    # initialised from token embeddings: same as running the base on [those tokens + text]
+    full = base(torch.cat([rows.expand(2, -1), idx], dim=1))[0][:, 5:]
+    torch.testing.assert_close(tuned(idx)[0], full)
+    torch.testing.assert_close(tuned.hidden_states(idx),
+                               base.hidden_states(torch.cat([rows.expand(2, -1), idx], 1))[:, 5:])
+    assert peft.count_parameters(tuned) == 5 * C
+    _grads_only_in(tuned, idx, lambda n: n == "prompt")
+    targets = idx.roll(-1, 1)
+    logits, loss = tuned(idx, targets)
+    torch.testing.assert_close(loss, masked_lm_loss(logits, targets))
+    with pytest.raises(ValueError, match="exceed block_size=32"):
+        tuned(torch.zeros(1, 28, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------ classification
+def test_classifier_reads_the_last_real_token(base):
+    clf = GPTClassifier(base)
+    a, b = [5, 6, 7, 8], [9, 10]
+    ids, lengths = pad_batch([a, b], pad_id=0, max_len=16)
+    assert ids.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]] and lengths.tolist() == [4, 2]
+    batched = clf(ids, lengths)
+    torch.testing.assert_close(batched[1], clf(torch.tensor([b]))[0])
+    torch.testing.assert_close(batched[0], clf(torch.tensor([a]))[0])
+    with pytest.raises(ValueError, match="lengths must be in"):
+        clf(ids, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="empty sequence"):
+        pad_batch([[1], []], 0, 4)
+
+
+@pytest.mark.parametrize("method", ["full", "head", "top", "lora", "adapters", "prompt",
+                                    "random-init"])
+def test_every_method_trains_its_parameters_and_the_head(base, method):
+    clf = make_classifier(copy.deepcopy(base), method, MethodConfig(top_blocks=1, n_prompt=4),
+                          seed=7)
+    trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trainable
+    if method not in ("full", "random-init"):
+        assert "base.transformer.wte.weight" not in trainable
+    if method == "random-init":  # a fresh model, not the pretrained weights
+        assert not torch.equal(clf.base.transformer.wte.weight, base.transformer.wte.weight)
+
+
+def test_metrics_on_a_hand_example():
+    y_true = [1, 1, 0, 0, 1, 0, 0]
+    y_pred = [1, 0, 0, 1, 1, 0, 0]
+    cm = confusion_matrix(y_true, y_pred)
+    assert cm == [[3, 1], [1, 2]]
+    assert accuracy(cm) == pytest.approx(5 / 7)
+    p, r, f1 = precision_recall_f1(cm)
+    assert (p, r) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert f1 == pytest.approx(2 / 3)
+    p, r, f1 = precision_recall_f1(confusion_matrix([1, 0], [0, 0]))  # no spam predicted
+    assert (p, r, f1) == (0.0, 0.0, 0.0)
+    p, r, f1 = precision_recall_f1(confusion_matrix([1, 1, 0], [1, 1, 1]))
+    assert (p, r, f1) == (pytest.approx(2 / 3), 1.0, pytest.approx(0.8))
+    with pytest.raises(ValueError, match="3 labels but 2 predictions"):
+        confusion_matrix([0, 1, 1], [0, 1])
+
+
+def test_sms_spam_split_is_fixed_and_stratified():
+    raw = load_sms_spam()
+    assert len(raw) == 5574 and sum(y for _, y in raw) == 747
+    data = deduplicate(raw)
+    assert len(data) == len({t for t, _ in raw}) == 5171 and sum(y for _, y in data) == 653
+    train, val, test = stratified_split(data, seed=0)
+    assert [len(s) for s in (train, val, test)] == [3620, 516, 1035]
+    assert [sum(y for _, y in s) for s in (train, val, test)] == [457, 65, 131]
+    assert stratified_split(data, seed=0) == (train, val, test)
+    texts = [{t for t, _ in s} for s in (train, val, test)]
+    assert sum(map(len, texts)) == len(set.union(*texts)) == len(data)  # disjoint, complete
+    balanced = undersample(train, seed=0)
+    assert sum(y for _, y in balanced) == 457 and len(balanced) == 2 * 457
+
+
+def _toy_spam(n=160, seed=0):
+    """Messages of 5-8 letters; 'spam' ends in z: learnable only from the last real token."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        n = 5 + i % 4
+        text = "".join(chr(97 + int(c)) for c in torch.randint(0, 20, (n,), generator=g))
+        out.append((text[:-1] + "z", 1) if i % 5 == 0 else (text, 0))
+    return out
+
+
+def test_run_classification_learns_a_toy_task():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=27, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    cfg = ClassificationConfig(method="full", epochs=6, batch_size=8, lr=3e-3, max_len=16)
+    result = run_classification(model, lambda t: [ord(c) - 97 for c in t], 26, cfg,
+                                data=_toy_spam())
+    assert result["trainable_params"] == result["total_params"] == peft.count_parameters(
+        GPTClassifier(model))
+    assert result["train_examples"] == 2 * 22  # 70% of 32 spam, balanced by ham
+    assert result["test"]["n"] == 32 and result["test"]["accuracy"] >= 0.9
+    assert result["losses"][-1] < result["losses"][0]
+
+
+# -------------------------------------------------------------------------- instructions
+ENTRY = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+
+
+def test_templates():
+    prompt, response = format_alpaca(ENTRY)
+    assert prompt.endswith("### Instruction:\nName a colour.\n\n### Response:\n")
+    assert "### Input" not in prompt and response == "Blue."
+    prompt, _ = format_alpaca({**ENTRY, "input": "sky"})
+    assert "### Input:\nsky\n\n### Response:\n" in prompt
+    assert format_chat({**ENTRY, "input": "sky"}, "Customer", "Agent") == (
+        "Customer: Name a colour.\nsky\nAgent: ", "Blue.")
+
+
+def test_encode_and_collate_mask_the_prompt():
+    encode = lambda s: [ord(c) % 50 for c in s]  # noqa: E731
+    ids, labels = encode_example("ab", "cde", encode, eos_id=63)
+    assert ids == [47, 48, 49, 0, 1, 63]
+    assert labels == [IGNORE, IGNORE, 49, 0, 1, 63]
+    short = ([1, 2, 3], [IGNORE, 2, 3])
+    inputs, targets = collate([(ids, labels), short], pad_id=60, max_len=8)
+    assert inputs.tolist() == [[47, 48, 49, 0, 1], [1, 2, 60, 60, 60]]
+    assert targets.tolist() == [[IGNORE, 49, 0, 1, 63], [2, 3, IGNORE, IGNORE, IGNORE]]
+    inputs, targets = collate([(ids, labels)], pad_id=60, max_len=3)  # cut to 4 tokens
+    assert inputs.tolist() == [[47, 48, 49]] and targets.tolist() == [[IGNORE, 49, 0]]
+    with pytest.raises(ValueError, match="differ in length"):
+        collate([([1, 2], [1])], 0, 4)
+    # examples whose response does not fit in max_len are dropped
+    kept = encode_entries([ENTRY, {**ENTRY, "instruction": "x" * 300}], format_chat, encode,
+                          63, max_len=40)
+    assert len(kept) == 1
+
+
+def test_masked_positions_contribute_nothing():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+    targets = torch.tensor([[IGNORE, IGNORE, 3, 4, IGNORE], [IGNORE, 1, 2, IGNORE, IGNORE]])
+    loss = masked_lm_loss(logits, targets)
+    loss.backward()
+    mask = targets == IGNORE
+    assert torch.all(logits.grad[mask] == 0) and torch.all(logits.grad[~mask].abs().sum(-1) > 0)
+    changed = logits.detach().clone()
+    changed[mask] = torch.randn(int(mask.sum()), 11, generator=g) * 100
+    assert masked_lm_loss(changed, targets) == loss.detach()
+    manual = -torch.stack([logits[0, 2].log_softmax(-1)[3], logits[0, 3].log_softmax(-1)[4],
+                           logits[1, 1].log_softmax(-1)[1], logits[1, 2].log_softmax(-1)[2]])
+    torch.testing.assert_close(loss, manual.mean())
+
+
+def test_evaluate_lm_changes_nothing_and_weights_by_tokens(base):
+    before = copy.deepcopy(base.state_dict())
+    a = collate([([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4])], 0, 16)
+    b = collate([([5, 6, 7, 8, 9], [IGNORE, 6, 7, 8, 9])], 0, 16)
+    base.train()
+    result = evaluate_lm(base, [a, b])
+    assert not base.training and all(p.grad is None for p in base.parameters())
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
+    la, lb = (masked_lm_loss(base(x)[0], y).item() for x, y in (a, b))
+    assert result["tokens"] == 6
+    assert result["loss"] == pytest.approx((2 * la + 4 * lb) / 6, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(torch.tensor(result["loss"]).exp().item())
+
+
+def test_run_instruction_lowers_the_response_loss(base):
+    entries = [{"instruction": f"Say {w}.", "input": "", "output": w}
+               for w in ["abc", "abd", "abe", "acd"] * 10]
+    encode = lambda s: [ord(c) % 60 for c in s]  # noqa: E731
+    cfg = InstructionConfig(template="chat", epochs=3, batch_size=8, lr=3e-3, max_len=31)
+    result = run_instruction(base, encode, 63, cfg, entries=entries)
+    assert result["after"]["loss"] < result["before"]["loss"] - 1.0
+    assert result["train_examples"] == 34
+
+
+def test_cli_runs_and_records_its_command(tmp_path):
+    import json
+
+    from minigpt.checkpoint import export_model
+    from minigpt.finetune import finetune_main, load_base
+    from minigpt.instruct import load_instructions
+    from minigpt.tokenizer import CharTokenizer
+
+    corpus = "\n".join(t for t, _ in load_sms_spam()) + json.dumps(load_instructions(),
+                                                                  ensure_ascii=False)
+    tok = CharTokenizer.from_text(corpus)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2,
+                          n_embd=16))
+    export_model(model, tok, tmp_path / "base")
+    loaded, tokenizer, eos = load_base(tmp_path / "base")
+    assert eos == 0 and tokenizer.encode("hi") == tok.encode("hi")
+    out = tmp_path / "spam.json"
+    argv = ["classify", "--base", str(tmp_path / "base"), "--methods", "head", "lora",
+            "--epochs", "1", "--train-limit", "32", "--test-limit", "64", "--max-len", "16",
+            "--out", str(out)]
+    assert finetune_main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["command"] == "python -m minigpt.finetune " + " ".join(argv)
+    assert [r["method"] for r in record["results"]] == ["head", "lora"]
+    assert record["results"][0]["trainable_params"] == 16 * 2 + 2
+    assert record["results"][1]["test"]["n"] == record["results"][1]["val"]["n"] == 64
+    out = tmp_path / "sft.json"
+    assert finetune_main(["instruct", "--base", str(tmp_path / "base"), "--train-limit", "16",
+                          "--template", "chat", "--max-len", "255", "--epochs", "1",
+                          "--test-limit", "16",
+                          "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert result["train_examples"] == 16 and result["after"]["loss"] < result["before"]["loss"]

@@ -1,0 +1,195 @@
+"""GPT-2 weights to and from the Hugging Face layout, checked against ``transformers`` itself."""
+
+import json
+import socket
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from minigpt.model import GPT, gpt2_config, param_count
+from minigpt.pretrained import (
+    PretrainedError,
+    from_pretrained,
+    hf_config,
+    load_hf,
+    save_hf,
+    to_hf_state_dict,
+)
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
+            bos_token_id=0, eos_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small random GPT-2 saved by transformers (model.safetensors + config.json)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**TINY))
+    directory = tmp_path_factory.mktemp("hf-gpt2")
+    model.save_pretrained(directory)
+    return directory
+
+
+def _hf(directory):
+    return GPT2LMHeadModel.from_pretrained(directory).eval()
+
+
+def _greedy(step, idx, n):
+    for _ in range(n):
+        nxt = step(idx)[:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+
+def test_load_matches_transformers(hf_dir):
+    hf, ours = _hf(hf_dir), from_pretrained(hf_dir)
+    idx = torch.randint(0, 100, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = hf(idx).logits, ours(idx)[0]
+        assert (expected - got).abs().max() <= 1e-5
+        prompt = idx[:, :5]
+        ours_gen = _greedy(lambda x: ours(x)[0], prompt, 20)
+        hf_gen = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours_gen, hf_gen)
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    assert not ours.training
+
+
+def test_export_loads_in_transformers(tmp_path):
+    torch.manual_seed(3)
+    ours = GPT(gpt2_config("gpt2", vocab_size=90, block_size=48, n_layer=2, n_head=4, n_embd=64))
+    ours.eval()
+    save_hf(ours, tmp_path)
+    hf = _hf(tmp_path)
+    idx = torch.randint(0, 90, (2, 48))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max() <= 1e-5
+    # round trip through our own loader is exact
+    again = load_hf(tmp_path)
+    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_conv1d_weights_are_transposed(hf_dir):
+    raw = load_file(hf_dir / "model.safetensors")
+    ours = load_hf(hf_dir)
+    block = ours.transformer.h[1]
+    assert torch.equal(block.attn.c_attn.weight, raw["transformer.h.1.attn.c_attn.weight"].t())
+    assert torch.equal(block.mlp.c_proj.weight, raw["transformer.h.1.mlp.c_proj.weight"].t())
+    assert torch.equal(block.ln_2.weight, raw["transformer.h.1.ln_2.weight"])
+    exported = to_hf_state_dict(ours)
+    assert "lm_head.weight" not in exported
+    assert exported.keys() == raw.keys()
+
+
+def test_released_file_layout(hf_dir, tmp_path):
+    """OpenAI's files on the hub: no 'transformer.' prefix, mask buffers, and a tied lm_head."""
+    raw = load_file(hf_dir / "model.safetensors")
+    released = {k.removeprefix("transformer."): v for k, v in raw.items()}
+    for i in range(2):
+        released[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+        released[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    released["lm_head.weight"] = raw["transformer.wte.weight"].clone()
+    save_file(released, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+    a, b = load_hf(hf_dir), load_hf(tmp_path)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def _edited_copy(hf_dir, tmp_path, edit):
+    state = load_file(hf_dir / "model.safetensors")
+    edit(state)
+    tmp_path.mkdir()
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+    return tmp_path
+
+
+def test_bad_weights_name_the_key(hf_dir, tmp_path):
+    def drop(s):
+        del s["transformer.h.1.mlp.c_fc.bias"]
+
+    with pytest.raises(PretrainedError, match=r"missing key 'transformer\.h\.1\.mlp\.c_fc\.bias'"):
+        load_hf(_edited_copy(hf_dir, tmp_path / "a", drop))
+
+    def reshape(s):
+        s["transformer.h.0.attn.c_proj.weight"] = torch.zeros(32, 31)
+
+    with pytest.raises(PretrainedError, match=r"shape mismatch for 'transformer\.h\.0\.attn"):
+        load_hf(_edited_copy(hf_dir, tmp_path / "b", reshape))
+
+    def extra(s):
+        s["transformer.h.2.ln_1.weight"] = torch.ones(32)
+
+    with pytest.raises(PretrainedError, match=r"unexpected key 'transformer\.h\.2\.ln_1\.weight'"):
+        load_hf(_edited_copy(hf_dir, tmp_path / "c", extra))
+
+    def untied(s):
+        s["lm_head.weight"] = torch.zeros(100, 32)
+
+    with pytest.raises(PretrainedError, match="lm_head.weight differs"):
+        load_hf(_edited_copy(hf_dir, tmp_path / "d", untied))
+
+
+def test_bad_config_and_directory(hf_dir, tmp_path):
+    with pytest.raises(PretrainedError, match="lacks config.json, model.safetensors"):
+        from_pretrained(tmp_path)
+    with pytest.raises(PretrainedError, match="is not a directory"):
+        from_pretrained(tmp_path / "nope")
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["activation_function"] = "relu"
+    bad = tmp_path / "relu"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
+    with pytest.raises(PretrainedError, match="activation_function='relu'"):
+        load_hf(bad)
+    with pytest.raises(PretrainedError, match="norm='layernorm'"):
+        hf_config(gpt2_config("gpt2", norm="rmsnorm"))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "HF_ENDPOINT"])
+def test_offline_gives_one_clear_error(how, tmp_path, monkeypatch):
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(PretrainedError, match="set HF_ENDPOINT to a reachable mirror") as info:
+        from_pretrained("gpt2", cache_dir=tmp_path)
+    assert "not in the Hugging Face cache" in str(info.value)
+
+
+def test_offline_loads_from_the_hub_cache(hf_dir, tmp_path, monkeypatch):
+    """A model in the Hugging Face cache loads without a network (cache layout of the hub)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--openai-community--gpt2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((hf_dir / name).read_bytes())
+    model = from_pretrained("gpt2", cache_dir=tmp_path)
+    assert model.config.n_layer == 2 and model.config.block_size == 64
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_gpt2_sizes_match_transformers(name):
+    cfg = gpt2_config(name)
+    hf = hf_config(cfg)
+    with torch.device("meta"):
+        n_hf = GPT2LMHeadModel(GPT2Config(**hf)).num_parameters()
+    assert param_count(cfg, non_embedding=False) == n_hf
+    assert n_hf == {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
+                    "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}[name]

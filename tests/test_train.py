@@ -1,0 +1,265 @@
+"""Trainer, checkpoints (atomic, safe, exactly resumable) and the shipped-model format."""
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt import checkpoint as ckpt_mod
+from minigpt.checkpoint import CheckpointError, read_checkpoint
+from minigpt.model import GPT, GPTConfig
+from minigpt.train import (
+    TrainConfig,
+    accumulate_gradients,
+    estimate_loss,
+    load_checkpoint,
+    load_model,
+    make_optimizer,
+    plot_losses,
+    read_log,
+    save_checkpoint,
+    train,
+)
+
+WORDS = ("the king is dead long live the queen my lord speak thou art a fool "
+         "what light through yonder window breaks now is the winter of our discontent").split()
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(600)]
+    f = tmp_path / "tiny.txt"
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return f
+
+
+def tiny_config(corpus: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(dataset=str(corpus), n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
+                max_iters=12, eval_interval=4, eval_iters=2, warmup_iters=2, lr=3e-3,
+                dropout=0.1, out_dir=str(out), progress=False, num_threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def tiny_model(n_embd=16) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=n_embd))
+
+
+def test_train_learns_logs_and_exports(corpus, tmp_path):
+    out = tmp_path / "run"
+    res = train(tiny_config(corpus, out, max_iters=40, eval_interval=20, dropout=0.0, lr=1e-2))
+    assert res.iterations == 40 and len(res.losses) == 40
+    assert res.history[-1]["val_loss"] < res.history[0]["val_loss"] - 0.4
+    records = read_log(out / "log.jsonl")
+    assert [r["iter"] for r in records] == [0, 20, 40]
+    assert {"model.safetensors", "config.json", "log.jsonl", "ckpt.pt"} <= {
+        p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["config"]["max_iters"] == 40
+    model, tok = load_model(out)
+    assert not model.training and tok.vocab_size == model.config.vocab_size
+    # the exported model reproduces the logged whole-split val loss exactly
+    from minigpt.train import prepare_data
+
+    _, _, val = prepare_data(TrainConfig(dataset=str(corpus)))
+    assert estimate_loss(model, val, 16) == pytest.approx(res.val_loss, abs=1e-6)
+    assert config["train"]["val_loss"] == res.val_loss
+    ax = plot_losses(out / "log.jsonl")
+    assert ax.get_xlabel() == "optimiser step"
+
+
+def test_resume_after_crash_reproduces_losses_exactly(corpus, tmp_path):
+    full = train(tiny_config(corpus, tmp_path / "full", grad_accum_steps=2))
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_8(record):
+        if record["iter"] == 8:  # dies after step 8 ran, before its checkpoint: resume from 4
+            raise Crash
+
+    cfg = tiny_config(corpus, tmp_path / "crash", grad_accum_steps=2)
+    with pytest.raises(Crash):
+        train(cfg, callback=crash_at_8)
+    assert read_checkpoint(tmp_path / "crash" / "ckpt.pt")["iteration"] == 4
+    torch.manual_seed(123)  # disturb every global RNG: the checkpoint must restore them
+    random.random()
+    resumed = train(TrainConfig(**{**cfg.to_dict(), "resume": True}))
+    assert resumed.iterations == 12
+    assert resumed.losses == full.losses[4:]
+    assert resumed.val_loss == full.val_loss
+    assert [r["iter"] for r in read_log(tmp_path / "crash" / "log.jsonl")] == [0, 4, 8, 12]
+    again = train(TrainConfig(**{**cfg.to_dict(), "resume": True}))  # a finished run: no-op
+    assert again.losses == [] and again.val_loss == full.val_loss
+    assert [r["iter"] for r in read_log(tmp_path / "crash" / "log.jsonl")] == [0, 4, 8, 12]
+
+
+def test_resume_refuses_a_different_model(corpus, tmp_path):
+    train(tiny_config(corpus, tmp_path / "r", max_iters=4))
+    with pytest.raises(CheckpointError, match="n_embd=16 in the checkpoint but 32 now"):
+        train(tiny_config(corpus, tmp_path / "r", max_iters=8, n_embd=32, resume=True))
+
+
+def test_checkpoint_roundtrip_file_object_and_weights_only():
+    model = tiny_model()
+    opt = make_optimizer(model, TrainConfig())
+    x = torch.randint(0, 11, (2, 8))
+    model(x, x)[1].backward()
+    opt.step()
+    buf = io.BytesIO()
+    save_checkpoint(model, opt, 7, buf, extra={"note": "hi"})
+    buf.seek(0)
+    raw = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)  # no code, plain data
+    assert raw["extra"] == {"note": "hi"}
+    other = tiny_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    opt2 = make_optimizer(other, TrainConfig())
+    assert load_checkpoint(buf, other, opt2) == 7
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+
+
+def test_checkpoint_restores_rng_states():
+    model = tiny_model()
+    buf = io.BytesIO()
+    save_checkpoint(model, None, 0, buf)
+    expected = (torch.rand(3), random.random(), __import__("numpy").random.rand())
+    buf.seek(0)
+    load_checkpoint(buf, tiny_model())
+    got = (torch.rand(3), random.random(), __import__("numpy").random.rand())
+    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
+    model = tiny_model()
+    good = tmp_path / "good.pt"
+    save_checkpoint(model, None, 3, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+        load_checkpoint(truncated, model)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 50)
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+        load_checkpoint(garbage, model)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.ones(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a minigpt checkpoint"):
+        load_checkpoint(foreign, model)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt", model)
+
+
+def test_mismatched_checkpoint_names_what_differs(tmp_path):
+    f = tmp_path / "c.pt"
+    save_checkpoint(tiny_model(16), None, 1, f)
+    with pytest.raises(CheckpointError, match=r"n_embd=16 in the checkpoint but 32 now"):
+        load_checkpoint(f, tiny_model(32))
+    state = read_checkpoint(f)
+    state["model_config"] = None  # a bare state dict: shapes are still checked, by name
+    with pytest.raises(CheckpointError, match=r"transformer.wte.weight has shape \(11, 16\)"):
+        load_checkpoint(state, tiny_model(32))
+
+
+def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
+    f = tmp_path / "ckpt.pt"
+    model = tiny_model()
+    save_checkpoint(model, None, 1, f)
+    before = f.read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        with open(path, "r+b") as fh:
+            fh.truncate(100)  # half-written file ...
+        raise KeyboardInterrupt  # ... and the process is interrupted
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, None, 2, f)
+    assert f.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
+    assert read_checkpoint(f)["iteration"] == 1
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_model(tmp_path)
+
+
+def test_gradient_accumulation_equals_big_batch():
+    model = tiny_model()
+    x = torch.randint(0, 11, (8, 8))
+    y = torch.randint(0, 11, (8, 8))
+    accumulate_gradients(model, [(x[:4], y[:4]), (x[4:], y[4:])], "float32")
+    g_accum = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    accumulate_gradients(model, [(x, y)], "float32")
+    for a, p in zip(g_accum, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_estimate_loss_is_deterministic_and_covers_the_split():
+    model = tiny_model()
+    tokens = torch.randint(0, 11, (8 * 10 + 1,)).numpy()
+    whole = estimate_loss(model, tokens, 8, batch_size=3)
+    assert whole == estimate_loss(model, tokens, 8, batch_size=3)
+    x = torch.from_numpy(tokens[:-1].astype("int64")).view(10, 8)
+    y = torch.from_numpy(tokens[1:].astype("int64")).view(10, 8)
+    with torch.no_grad():
+        assert whole == pytest.approx(model(x, y)[1].item(), rel=1e-6)
+    assert model.training
+
+
+def test_early_stopping(corpus, tmp_path):
+    # lr = 0: the val loss never improves after the first evaluation
+    res = train(tiny_config(corpus, tmp_path / "es", lr=0.0, min_lr=0.0, max_iters=40,
+                            eval_interval=2, early_stop_patience=2))
+    assert res.iterations == 4 and len(res.losses) == 4
+
+
+@pytest.mark.parametrize("kw", [{"optimizer": "scratch"}, {"dtype": "bfloat16"},
+                                {"tokenizer": "bpe", "bpe_vocab_size": 300}])
+def test_train_options(corpus, tmp_path, kw):
+    res = train(tiny_config(corpus, tmp_path / "o", max_iters=4, **kw))
+    assert len(res.losses) == 4 and all(map(lambda v: v == v, res.losses))  # no NaN
+    model, tok = load_model(tmp_path / "o")
+    assert tok.decode(tok.encode("the king")) == "the king"
+
+
+def test_config_rejects_unknown_and_bad_values():
+    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['n_layers'\]"):
+        TrainConfig.from_dict({"n_layers": 3})
+    with pytest.raises(ValueError, match="dtype"):
+        TrainConfig(dtype="float16")
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
+
+
+@pytest.mark.parametrize("name", ["shakespeare-char", "shakespeare-bpe"])
+def test_shipped_model_matches_manifest_and_reproduces_val_loss(name):
+    import hashlib
+
+    from minigpt.train import prepare_data
+
+    entry = json.loads((SHIPPED / "manifest.json").read_text())[name]
+    assert entry["command"].startswith("python ")
+    for fname, info in entry["files"].items():
+        blob = (SHIPPED / name / fname).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == info["sha256"], fname
+        assert len(blob) == info["bytes"]
+    model, tok = load_model(SHIPPED / name)
+    cfg = TrainConfig.from_dict(json.loads((SHIPPED / name / "config.json").read_text())
+                                ["train"]["config"])
+    _, _, val = prepare_data(cfg, tokenizer=tok)
+    val_loss = estimate_loss(model, val, model.config.block_size)
+    assert val_loss == pytest.approx(entry["val_loss"], abs=1e-4)
