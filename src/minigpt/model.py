@@ -417,6 +417,17 @@ class GPT(nn.Module):
         T = self.config.block_size if seq_len is None else seq_len
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
 
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, **download_kwargs) -> GPT:
+        """Released GPT-2 weights ("gpt2" ... "gpt2-xl", a hub id, or a local directory).
+
+        The loading code lives in ``minigpt.pretrained`` (chapter 8), which builds on this
+        module; this is a shortcut to ``minigpt.pretrained.from_pretrained``.
+        """
+        from minigpt.pretrained import from_pretrained  # pretrained imports model, not back
+
+        return from_pretrained(name_or_dir, **download_kwargs)
+
     @torch.no_grad()
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the maximum context (e.g. to fine-tune a pretrained model on short inputs)."""
