@@ -8,7 +8,7 @@ dependency):
     python bench/generate_speed.py --models char --lengths 128 512 --repeats 5
 
 Batch 1, greedy, an 8-token prompt; every timing is the median of ``--repeats`` runs after a
-warm-up. Models:
+warm-up, and ours/HF is the median of the per-pair ratios of interleaved runs. Models:
 
 * ``char``: the shipped Shakespeare character model's shape (``data/checkpoints/shakespeare-char``
   if it exists, else a 4-layer 128-wide stand-in), loaded weights when present;
@@ -81,9 +81,9 @@ def build_models(name: str, context: int):
     return ours, hf, ckpt
 
 
-def median_times(fns: dict, repeats: dict) -> dict:
-    """Median wall time of each function; the runs are interleaved so that a change in the
-    machine's load hits every variant alike."""
+def run_times(fns: dict, repeats: dict) -> dict:
+    """Wall times of each function over its repeats; the runs are interleaved (A B C A B C ...)
+    so that a change in the machine's load hits every variant alike."""
     times: dict = {name: [] for name in fns}
     for r in range(max(repeats.values())):
         for name, fn in fns.items():
@@ -91,7 +91,13 @@ def median_times(fns: dict, repeats: dict) -> dict:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over interleaved pairs of b_i / a_i: a speed ratio that holds when the machine's
+    speed drifts between pairs (a ratio of two medians would not)."""
+    return statistics.median(y / x for x, y in zip(a, b, strict=True))
 
 
 def bench_model(name: str, lengths: list[int], repeats: int, uncached_max: int) -> list[dict]:
@@ -118,18 +124,20 @@ def bench_model(name: str, lengths: list[int], repeats: int, uncached_max: int) 
         return fns
 
     warm_up = variants(16)
-    median_times(warm_up, {k: 1 for k in warm_up})
+    run_times(warm_up, {k: 1 for k in warm_up})
     rows = []
     for n in lengths:
         fns = variants(n)
         reps = {k: repeats if k != "uncached" else max(1, repeats // 2) for k in fns}
         row = {"model": name, "tokens": n}
-        row.update({k: n / t for k, t in median_times(fns, reps).items()})
+        times = run_times(fns, reps)
+        row.update({k: n / statistics.median(ts) for k, ts in times.items()})
+        row["ours/hf"] = paired_ratio(times["cached"], times["hf"])
         rows.append(row)
         unc = row.get("uncached")
         print(f"{n:5d} tokens | minigpt cached {row['cached']:8.1f} tok/s | "
               f"uncached {unc if unc is None else f'{unc:8.1f}'} tok/s | "
-              f"HF cached {row['hf']:8.1f} tok/s | ours/HF {row['cached'] / row['hf']:.2f}x"
+              f"HF cached {row['hf']:8.1f} tok/s | ours/HF {row['ours/hf']:.2f}x"
               + (f" | cache speed-up {row['cached'] / unc:.1f}x" if unc else ""))
     return rows
 

@@ -206,3 +206,28 @@ def test_notebook_was_executed_top_to_bottom(path):
     assert counts == list(range(1, len(counts) + 1)), (
         f"execution counts {counts}: re-execute the notebook from a fresh kernel"
     )
+
+
+PACKAGE_SOURCE = "\n".join(
+    p.read_text(encoding="utf-8") for p in sorted((ROOT / "src" / "minigpt").glob("*.py"))
+)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_shown_source_is_the_current_package_source(path):
+    """A saved ``show_source(...)`` output must still be the package's code, verbatim: the book
+    build renders saved outputs, so a change to ``src/minigpt`` must re-execute the chapters
+    that show it."""
+    notebook = nbformat.read(path, as_version=4)
+    stale = []
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code" or "show_source(" not in cell.source:
+            continue
+        shown = [o["data"]["text/plain"] for o in cell.outputs if "text/plain" in o.get("data", {})]
+        assert shown, f"cell {index} calls show_source but has no saved output"
+        for text in shown:
+            if text.strip("\n") not in PACKAGE_SOURCE:
+                stale.append(f"cell {index}: {text.splitlines()[0]!r}")
+    assert not stale, (
+        "saved source differs from src/minigpt (re-execute the notebook):\n" + "\n".join(stale)
+    )

@@ -176,7 +176,8 @@ class CausalSelfAttention(nn.Module):
         self.split_sizes = (config.n_embd, kv_dim, kv_dim)
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        # no dropout configured: an Identity, which costs less per call when decoding
+        self.resid_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
 
     def _qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         """Project x (B, T, C) to q (B, H, T, D) and k, v (B, H_kv, T, D), rotated if ``rope``."""
