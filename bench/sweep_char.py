@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ctx 128, lr 6e-3, 1000 steps": ("nanogpt_cpu", {
         "block_size": 128, "lr": 6e-3, "min_lr": 6e-4, "warmup_iters": 50, "max_iters": 1000,
         "lr_decay_iters": 1000}),
+    "long recipe, 3,200 steps, 1 thread": ("shakespeare_char_long", {"max_iters": 3200,
+                                                                     "num_threads": 1}),
     "shakespeare_char_long": ("shakespeare_char_long", {}),
+    "long recipe, 4,800 steps": ("shakespeare_char_long", {"max_iters": 4800}),
+    "long recipe + dropout 0.1": ("shakespeare_char_long", {"dropout": 0.1}),
+    "long recipe + RoPE": ("shakespeare_char_long", {"model": {"pos_emb": "rope"}}),
 }
 
 
@@ -61,7 +67,7 @@ def collect(name: str, config: str, overrides: dict, out: Path, load: float | No
     final = json.loads(Path(out, "log.jsonl").read_text().splitlines()[-1])["final"]
     cfg = json.loads(Path(out, "config.json").read_text())["train"]["config"]
     tokens = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum_steps"] * final["iterations"]
-    return {"name": name, "command": " ".join(command(config, overrides)),
+    return {"name": name, "command": shlex.join(command(config, overrides)),
             "params": final["params"], "steps": final["iterations"], "tokens": tokens,
             "threads": cfg["num_threads"], "dtype": cfg["dtype"], "load_avg": load,
             "wall_time_s": round(final["wall_time"], 1),
