@@ -29,7 +29,7 @@ from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
 from minigpt.model import GPT, GPTConfig
-from minigpt.tokenizer import CharTokenizer
+from minigpt.tokenizer import CharTokenizer, Tokenizer
 
 FORMAT = "minigpt-checkpoint-v1"
 PathOrFile = str | os.PathLike | IO[bytes]
@@ -199,11 +199,9 @@ def load_checkpoint(
 
 def tokenizer_from_dict(d: dict):
     """Rebuild a tokenizer from its ``to_dict()`` description (character or BPE)."""
-    from minigpt import tokenizer as tok
-
     if d.get("type") == "char":
         return CharTokenizer.from_dict(d)
-    return tok.Tokenizer.from_dict(d)
+    return Tokenizer.from_dict(d)
 
 
 def export_model(

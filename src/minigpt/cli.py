@@ -17,7 +17,11 @@ import re
 import sys
 from pathlib import Path
 
+from minigpt.checkpoint import load_model, read_checkpoint
 from minigpt.data import DataError
+from minigpt.finetune import finetune_main
+from minigpt.generate import stream
+from minigpt.train import TrainConfig, estimate_loss, prepare_data, train
 
 CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
 
@@ -28,8 +32,6 @@ class CLIError(ValueError):
 
 def config_help() -> str:
     """One line per TrainConfig key: name, default and the comment from its definition."""
-    from minigpt.train import TrainConfig
-
     comments = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.+)$",
                                inspect.getsource(TrainConfig), flags=re.M))
     lines = []
@@ -55,8 +57,6 @@ def resolve_config(name: str) -> Path:
 
 def load_config(name: str, overrides: list[str]):
     """A TrainConfig from a config file plus ``key=value`` overrides (values parsed as JSON)."""
-    from minigpt.train import TrainConfig
-
     path = resolve_config(name)
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
@@ -87,8 +87,6 @@ def load_config(name: str, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from minigpt.train import train
-
     cfg = load_config(args.config, args.set)
     result = train(cfg)
     print(f"done: {result.iterations} steps, val loss {result.val_loss:.4f} "
@@ -98,9 +96,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from minigpt.checkpoint import load_model
-    from minigpt.generate import stream
-
     model, tok = load_model(args.checkpoint)
     prompt = tok.encode(args.prompt)
     if not prompt:
@@ -121,9 +116,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from minigpt.checkpoint import load_model, read_checkpoint
-    from minigpt.train import TrainConfig, estimate_loss, prepare_data
-
     model, tok = load_model(args.checkpoint)
     src = Path(args.checkpoint)
     cfg = TrainConfig()  # the training config is stored in both formats; use its dataset
@@ -194,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for user errors)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["finetune"]:  # its own parser, in minigpt.finetune
-        from minigpt.finetune import finetune_main
-
         return finetune_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

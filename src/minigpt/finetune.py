@@ -16,8 +16,11 @@ the confusion matrix are reported too.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigpt import peft
+from minigpt.checkpoint import load_model
+from minigpt.data import path as dataset_path
+from minigpt.data import tiktoken_gpt2
 from minigpt.model import GPT
+from minigpt.pretrained import from_pretrained
 
 Example = tuple[str, int]  # (text, label)
 SMS_LABELS = ("ham", "spam")  # label ids 0 and 1; spam is the positive class
@@ -38,9 +45,7 @@ SMS_LABELS = ("ham", "spam")  # label ids 0 and 1; spam is the positive class
 def load_sms_spam(file: str | Path | None = None) -> list[Example]:
     """The SMS Spam Collection as (text, label) pairs, label 1 for spam, in file order."""
     if file is None:
-        from minigpt.data import path
-
-        file = path("sms-spam")
+        file = dataset_path("sms-spam")
     examples = []
     for line in Path(file).read_text(encoding="utf-8").splitlines():
         label, _, text = line.partition("\t")
@@ -339,24 +344,16 @@ def load_base(spec: str | Path) -> tuple[GPT, object, int]:
     """
     config = Path(spec) / "config.json"
     if config.is_file() and "tokenizer" in json.loads(config.read_text(encoding="utf-8")):
-        from minigpt.checkpoint import load_model
-
         model, tokenizer = load_model(spec)
         specials = getattr(tokenizer, "special_tokens", {})
         return model, tokenizer, specials.get("<|endoftext|>", 0)
-    from minigpt.data import tiktoken_gpt2
-    from minigpt.pretrained import from_pretrained
-
     encoding = tiktoken_gpt2()
     return from_pretrained(spec), encoding, encoding.eot_token
 
 
 def finetune_main(argv: Sequence[str] | None = None) -> int:
     """``python -m minigpt.finetune classify|instruct ...``: run, print, and save JSON results."""
-    import argparse
-    import shlex
-    import sys
-
+    # imported here: minigpt.instruct imports this module
     from minigpt.instruct import TEMPLATES, InstructionConfig, run_instruction
 
     parser = argparse.ArgumentParser(prog="python -m minigpt finetune", description=__doc__

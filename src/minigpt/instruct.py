@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minigpt.data import path as dataset_path
 from minigpt.finetune import fit
 
 IGNORE = -100  # label of positions that are not trained on (prompt and padding)
@@ -31,9 +32,7 @@ Entry = dict  # {"instruction": str, "input": str, "output": str}
 def load_instructions(file: str | Path | None = None) -> list[Entry]:
     """The instruction data (Raschka 2024): a JSON list of {instruction, input, output}."""
     if file is None:
-        from minigpt.data import path
-
-        file = path("instruction-data")
+        file = dataset_path("instruction-data")
     entries = json.loads(Path(file).read_text(encoding="utf-8"))
     for i, e in enumerate(entries):
         if not {"instruction", "input", "output"} <= set(e):

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from minigpt import data
+from minigpt.bpe import train_bpe_from_text
 from minigpt.checkpoint import (
     CheckpointError,
     check_model_config,
@@ -44,7 +45,7 @@ from minigpt.checkpoint import (
 )
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import AdamW, clip_grad_norm, lr_at, param_groups
-from minigpt.tokenizer import CharTokenizer
+from minigpt.tokenizer import CharTokenizer, Tokenizer
 
 
 @dataclass
@@ -175,9 +176,6 @@ def prepare_data(cfg: TrainConfig, tokenizer=None) -> tuple[object, np.ndarray, 
 
 def _bpe_tokenizer(train_text: str, cfg: TrainConfig, out: Path):
     """Train a byte-level BPE on the training text (cached as ``tokenizer.json``)."""
-    from minigpt.bpe import train_bpe_from_text
-    from minigpt.tokenizer import Tokenizer
-
     cached = out / "tokenizer.json"
     if cached.is_file():
         return tokenizer_from_dict(json.loads(cached.read_text(encoding="utf-8")))
