@@ -279,12 +279,14 @@ class GPT(nn.Module):
             )
         if idx.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
-            raise ValueError(
-                f"token ids must be in [0, {cfg.vocab_size - 1}] (vocab_size={cfg.vocab_size}), "
-                f"got min {int(idx.min())}, max {int(idx.max())}; "
-                "check the tokenizer matches the model's vocabulary"
-            )
+        if idx.numel():
+            lo, hi = (int(t) for t in torch.aminmax(idx))
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(
+                    f"token ids must be in [0, {cfg.vocab_size - 1}] "
+                    f"(vocab_size={cfg.vocab_size}), got min {lo}, max {hi}; "
+                    "check the tokenizer matches the model's vocabulary"
+                )
         return self.transformer.wte(idx)
 
     def _positions(
