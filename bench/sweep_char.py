@@ -115,7 +115,8 @@ def main() -> None:
                 print(f"warning: {name}: val loss differs between repeats", file=sys.stderr)
             row["wall_times_s"] = [r["wall_time_s"] for r in rows]
             row["wall_time_s"] = round(statistics.median(row["wall_times_s"]), 1)
-            row["load_avg"] = max(r["load_avg"] for r in rows)
+            # a repeat starts right after the previous one, whose own load the average still holds
+            row["load_avg"] = min(r["load_avg"] for r in rows)
         print(json.dumps(row), flush=True)
         results = json.loads(out.read_text()) if out.is_file() else []  # parallel sweeps
         results = [r for r in results if r["name"] != name] + [row]
