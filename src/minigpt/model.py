@@ -21,6 +21,7 @@ from minigpt.attention import (
     KVCache,
     apply_rope,
     attention_weights,
+    dropout_layer,
     rope_cos_sin,
     scaled_dot_product_attention,
 )
@@ -200,7 +201,7 @@ class MLP(nn.Module):
         if self.swiglu:
             self.c_gate = nn.Linear(config.n_embd, H, bias=config.bias)
         self.c_proj = nn.Linear(H, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.dropout = dropout_layer(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.swiglu:  # silu(x W_gate) * (x W_fc), then W_proj
@@ -239,7 +240,7 @@ class GPT(nn.Module):
         modules = {"wte": nn.Embedding(config.vocab_size, config.n_embd)}
         if config.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        modules["drop"] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        modules["drop"] = dropout_layer(config.dropout)
         modules["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         modules["ln_f"] = _norm(config)
         self.transformer = nn.ModuleDict(modules)
