@@ -1,0 +1,64 @@
+"""Shared test toolkit: tiny models, small corpora, an isolated cache, and the ``slow`` marker.
+
+Fixtures here are the ones several test files need; a test file keeps a fixture of its own
+only when it is about that file's subject. ``pytest -m "not slow"`` is the quick loop: it
+skips the notebooks (nbval) and the tests marked ``slow`` (subprocesses, DDP, real training).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.model import GPT, GPTConfig
+
+WORDS = (
+    "the king is dead long live the queen my lord speak thou art a fool what light "
+    "through yonder window breaks now is the winter of our discontent"
+).split()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a test that takes seconds (skip with -m 'not slow')")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every notebook cell (nbval) is slow: a notebook runs for tens of seconds."""
+    for item in items:
+        if item.nodeid.startswith("book/") or type(item).__name__.startswith("IPyNb"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def tiny_config() -> GPTConfig:
+    """A GPT small enough that a forward pass takes microseconds."""
+    return GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16)
+
+
+@pytest.fixture
+def tiny_model(tiny_config: GPTConfig) -> GPT:
+    """A seeded, untrained tiny GPT in eval mode."""
+    torch.manual_seed(0)
+    return GPT(tiny_config).eval()
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh ``MINIGPT_CACHE_DIR`` for this test only."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def word_corpus(tmp_path: Path, isolated_cache: Path) -> Path:
+    """A 600-line text file of Shakespeare-ish words (seeded), with an isolated cache."""
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(600)]
+    file = tmp_path / "tiny.txt"
+    file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return file
