@@ -284,7 +284,7 @@ def test_prepare_bin_is_cached_and_rebuilds_on_change(tmp_path):
 def test_load_bin_rejects_an_empty_split(tmp_path):
     data.prepare_bin(TEXT, CharTokenizer.from_text(TEXT), tmp_path, val_fraction=0.0)
     assert len(data.load_bin(tmp_path / "train.bin")) == len(TEXT)
-    with pytest.raises(ValueError, match="val_fraction > 0"):
+    with pytest.raises(data.BinError, match="val_fraction > 0"):
         data.load_bin(tmp_path / "val.bin")
 
 
