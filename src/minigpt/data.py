@@ -140,7 +140,7 @@ class Entry:
         if self.size is not None and size != self.size:
             return f"it has {size} bytes, expected {self.size}"
         if size > self.limit:
-            return f"it has {size} bytes, more than the {self.limit} this file can have"
+            return f"it is longer than the {self.limit} bytes this file can have"
         if self.check is not None:
             try:
                 self.check(Path(file))
@@ -720,15 +720,16 @@ def get_batch(
     device: str | torch.device = "cpu",
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``batch_size`` random windows of ``data``: inputs ``x`` and targets ``y``.
+    """Sample ``batch_size`` random windows of ``data``: inputs ``x``, targets ``y``.
 
-    ``y[b, t] == x[b, t + 1]``: each position's target is the next token. Both are ``int64``
-    tensors of shape ``(batch_size, context_length)``. Window starts are drawn with
-    ``generator`` (the global torch RNG if ``None``), so a seeded generator repeats batches.
-    The ids were checked once by ``load_bin``: nothing here waits for the device.
+    ``y[b, t] == x[b, t + 1]``: each position's target is the next token. Both are
+    ``int64`` tensors of shape ``(batch_size, context_length)``. Window starts are
+    drawn with ``generator`` (the global torch RNG if ``None``), so a seeded generator
+    repeats batches. ``load_bin`` checked the ids once: no check here waits for a GPU.
     """
     _check_batch_shape(len(data), batch_size, context_length)
-    starts = torch.randint(len(data) - context_length, (batch_size,), generator=generator)
+    n_starts = len(data) - context_length  # windows of context_length + 1 tokens
+    starts = torch.randint(n_starts, (batch_size,), generator=generator)
     index = starts.numpy()[:, None] + np.arange(context_length + 1)
     windows = torch.from_numpy(np.asarray(data)[index].astype(np.int64))
     x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
