@@ -251,7 +251,7 @@ def test_a_dripping_server_hits_the_overall_deadline(cache, server, monkeypatch)
     monkeypatch.setattr(data, "DOWNLOAD_GRACE_S", 1.0, raising=False)
     monkeypatch.setattr(data, "MIN_BYTES_PER_S", 1e12, raising=False)  # deadline: 1 s
     start = time.monotonic()
-    with pytest.raises(data.DownloadError, match=r"too slow: \d+ bytes in 1\.\d s"):
+    with pytest.raises(data.DownloadError, match=r"too slow: \d+ bytes in \d+\.\d s"):
         data.path(_entry(server + "/drip"))  # 100 bytes, one per 50 ms: 5 s in all
     assert time.monotonic() - start < 4
     assert _files(cache) == []
@@ -481,7 +481,7 @@ def test_every_failure_is_one_line_that_says_what_to_do(tmp_path, monkeypatch):
     cases = [
         (lambda: data.path("shakespeare"), data.DataInputError, "use one of"),
         (lambda: data.Entry("x", "http://x", "x/y"), data.DataInputError, "give one"),
-        (lambda: data.prepare_bin(TEXT, tok, tmp_path, 1.0), data.DataInputError, "pick one"),
+        (lambda: data.prepare_bin(TEXT, tok, tmp_path, 1.0), data.DataInputError, "e.g. 0.1"),
         (lambda: data.prepare_bin(tmp_path / "nope.txt", tok, tmp_path), data.DataInputError,
          "check the path"),
         (lambda: data.prepare_bin(not_utf8, tok, tmp_path), data.DataInputError,
