@@ -1,12 +1,18 @@
 """Tests for minigpt.data: registry, verified fetch (cache, mirror, local HTTP), token bins."""
 
+import ast
 import hashlib
 import http.server
+import inspect
 import io
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -38,9 +44,31 @@ def _zip(member: str, content: bytes) -> bytes:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves BODY at /good, wrong bytes at /wrong, a truncated body at /short, a zip at /zip."""
+    """Serves BODY at /good, wrong bytes at /wrong, a truncated body at /short, a zip at /zip;
+    a body without end at /endless (bounded at 4 MiB so that a test without a cap ends), a
+    body announced as 1 TB at /huge, and 100 bytes at one per 50 ms at /drip."""
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        try:
+            self._serve()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading, as it should
+
+    def _serve(self) -> None:
+        if self.path in ("/endless", "/drip", "/huge"):
+            self.send_response(200)
+            if self.path != "/endless":
+                self.send_header("Content-Length", "100" if self.path == "/drip" else "10" * 6)
+            self.end_headers()
+            if self.path == "/drip":
+                for _ in range(100):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            else:
+                for _ in range(64):
+                    self.wfile.write(b"y" * (1 << 16))
+            return
         body = {"/good": BODY, "/wrong": BODY[::-1], "/short": BODY, "/zip": _zip("a.txt", BODY)}
         if self.path not in body:
             self.send_error(404)
@@ -190,6 +218,99 @@ def test_offline_without_mirror_names_the_url_and_the_env_var(cache, closed_url)
     assert _files(cache) == []
 
 
+def _dead_pid() -> int:
+    """The id of a process that has exited."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(done.stdout)
+
+
+@pytest.mark.parametrize(
+    "cap",
+    [{"max_bytes": 100_000}, {"size": len(BODY)}, {}],
+    ids=["max_bytes", "size", "default"],
+)
+def test_an_endless_body_stops_at_the_entry_limit(cache, server, monkeypatch, cap):
+    monkeypatch.setattr(data, "DEFAULT_MAX_BYTES", 200_000, raising=False)
+    entry = _entry(server + "/endless", **cap)
+    with pytest.raises(data.DownloadError, match=f"more than the {entry.limit} bytes"):
+        data.path(entry)
+    assert entry.limit == cap.get("max_bytes", cap.get("size", 200_000))
+    assert _files(cache) == []
+
+
+def test_a_body_announced_too_long_is_refused_before_reading(cache, server):
+    with pytest.raises(data.DownloadError, match="announces 101010101010 bytes"):
+        data.path(_entry(server + "/huge", max_bytes=100_000))
+    assert _files(cache) == []
+
+
+def test_a_dripping_server_hits_the_overall_deadline(cache, server, monkeypatch):
+    monkeypatch.setattr(data, "DOWNLOAD_GRACE_S", 1.0, raising=False)
+    monkeypatch.setattr(data, "MIN_BYTES_PER_S", 1e12, raising=False)  # deadline: 1 s
+    start = time.monotonic()
+    with pytest.raises(data.DownloadError, match=r"too slow: \d+ bytes in \d+\.\d s"):
+        data.path(_entry(server + "/drip"))  # 100 bytes, one per 50 ms: 5 s in all
+    assert time.monotonic() - start < 4
+    assert _files(cache) == []
+
+
+def test_every_registry_entry_bounds_its_download():
+    for entry in data.REGISTRY.values():
+        assert entry.size is not None or entry.max_bytes is not None, entry.name
+        assert entry.limit <= 2 << 20
+
+
+def test_the_mirror_copy_is_what_gets_verified(cache, tmp_path, monkeypatch, closed_url):
+    """A mirror file swapped right after it was checked must not land in the cache."""
+    source = tmp_path / "mirror/tiny/input.txt"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(BODY)
+    monkeypatch.setenv(data.MIRROR_ENV, str(tmp_path / "mirror"))
+    real_sha256_file = data.sha256_file
+
+    def check_then_swap(file: Path) -> str:
+        digest = real_sha256_file(file)
+        if Path(file) == source:
+            source.write_bytes(BODY.upper())  # same size, other bytes
+        return digest
+
+    monkeypatch.setattr(data, "sha256_file", check_then_swap)
+    try:
+        landed = data.path(_entry(closed_url)).read_bytes()
+    except data.VerificationError:
+        landed = None
+    assert landed in (BODY, None)  # the verified bytes, or nothing
+    assert [f.read_bytes() for f in _files(cache)] == ([landed] if landed else [])
+
+
+def test_a_mirror_file_too_long_is_refused(cache, tmp_path, monkeypatch, closed_url):
+    source = tmp_path / "mirror/tiny/input.txt"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(BODY * 100)
+    monkeypatch.setenv(data.MIRROR_ENV, str(tmp_path / "mirror"))
+    with pytest.raises(data.VerificationError, match="longer than the 1000 bytes"):
+        data.path(_entry(closed_url, max_bytes=1000))
+    assert _files(cache) == []
+
+
+def test_orphans_of_dead_writers_are_swept_on_the_next_write(cache, tmp_path, monkeypatch):
+    (tmp_path / "mirror/tiny").mkdir(parents=True)
+    (tmp_path / "mirror/tiny/input.txt").write_bytes(BODY)
+    monkeypatch.setenv(data.MIRROR_ENV, str(tmp_path / "mirror"))
+    pid = _dead_pid()
+    orphans = [cache / f"tiny/.input.txt.{pid}.k9x2.tmp", tmp_path / f"bins/.train.bin.{pid}.a.tmp"]
+    for orphan in orphans:
+        orphan.parent.mkdir(parents=True, exist_ok=True)
+        orphan.write_bytes(b"half a file")
+    assert data.path(_entry("http://127.0.0.1:9/never")).read_bytes() == BODY
+    data.prepare_bin(TEXT, CharTokenizer.from_text(TEXT), tmp_path / "bins")
+    assert not any(orphan.exists() for orphan in orphans)
+    assert _files(cache) == [cache / "tiny/input.txt"]
+
+
 def test_sms_spam_is_checked_by_format(tmp_path):
     bad = tmp_path / "SMSSpamCollection"
     bad.write_text("ham\thello\nspam\tbuy now\n")
@@ -203,8 +324,10 @@ def test_sms_spam_is_checked_by_format(tmp_path):
 @needs_mirror
 def test_every_registered_file_verifies_from_the_mirror(cache, monkeypatch):
     monkeypatch.setenv(data.MIRROR_ENV, MIRROR)
-    for name in data.REGISTRY:
-        assert data.path(name).is_relative_to(cache)
+    for name, entry in data.REGISTRY.items():
+        got = data.path(name)
+        assert got.is_relative_to(cache)
+        assert entry.size in (None, got.stat().st_size) and got.stat().st_size <= entry.limit
 
 
 @needs_mirror
@@ -284,7 +407,7 @@ def test_prepare_bin_is_cached_and_rebuilds_on_change(tmp_path):
 def test_load_bin_rejects_an_empty_split(tmp_path):
     data.prepare_bin(TEXT, CharTokenizer.from_text(TEXT), tmp_path, val_fraction=0.0)
     assert len(data.load_bin(tmp_path / "train.bin")) == len(TEXT)
-    with pytest.raises(ValueError, match="val_fraction > 0"):
+    with pytest.raises(data.BinError, match="val_fraction > 0"):
         data.load_bin(tmp_path / "val.bin")
 
 
@@ -303,6 +426,93 @@ def test_prepare_bin_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"pathlib\.Path"):  # a str is the text, not a path
         data.prepare_bin(str(corpus), CharTokenizer.from_text(TEXT + str(corpus)), tmp_path)
     assert not (tmp_path / "train.bin").exists() and not (tmp_path / "meta.json").exists()
+
+
+def test_meta_records_what_each_bin_is(tmp_path):
+    tok = CharTokenizer.from_text(TEXT)
+    meta = data.prepare_bin(TEXT, tok, tmp_path)
+    for name in ("train.bin", "val.bin"):
+        raw = (tmp_path / name).read_bytes()
+        record = {"bytes": len(raw), "tokens": len(raw) // 2}
+        assert meta["files"][name] == {**record, "sha256": hashlib.sha256(raw).hexdigest()}
+    assert (meta["vocab_size"], meta["dtype"]) == (tok.vocab_size, "uint16")
+
+
+def test_a_tampered_bin_is_refused_by_load_bin_and_rebuilt_by_prepare_bin(tmp_path):
+    tok = CharTokenizer.from_text(TEXT)
+    meta = data.prepare_bin(TEXT, tok, tmp_path)
+    train = tmp_path / "train.bin"
+    good = train.read_bytes()
+    tampered = bytearray(good)
+    tampered[10] ^= 1  # same size, one id changed
+    train.write_bytes(tampered)
+    with pytest.raises(data.BinError, match=re.escape(f"{train} changed after it was written")):
+        data.load_bin(train)
+    with pytest.warns(UserWarning, match="rebuilding token bins"):
+        assert data.prepare_bin(TEXT, tok, tmp_path) == meta
+    assert train.read_bytes() == good
+    assert len(data.load_bin(train)) == meta["train_tokens"]
+    train.write_bytes(good[:-2])
+    with pytest.raises(data.BinError, match=re.escape(f"{train} has {len(good) - 2} bytes")):
+        data.load_bin(train)
+
+
+def test_load_bin_checks_the_id_range_once_at_the_boundary(tmp_path):
+    tok = CharTokenizer.from_text(TEXT)
+    data.prepare_bin(TEXT, tok, tmp_path)
+    train = tmp_path / "train.bin"
+    top = int(np.fromfile(train, dtype=np.uint16).max())
+    assert len(data.load_bin(train, vocab_size=top + 1)) == train.stat().st_size // 2
+    with pytest.raises(data.BinError, match=f"token id {top}, not below the vocabulary size {top}"):
+        data.load_bin(train, vocab_size=top)  # e.g. a model with a smaller vocabulary
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "vocab_size": 3}))
+    with pytest.raises(data.BinError, match="not below the vocabulary size 3"):
+        data.load_bin(train)
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(data.BinError, match="no record in"):
+        data.load_bin(train)  # a bin without its record is not trusted
+
+
+def test_every_failure_is_one_line_that_says_what_to_do(tmp_path, monkeypatch):
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("café\n".encode("latin-1"))
+    tok = CharTokenizer.from_text(TEXT)
+    cases = [
+        (lambda: data.path("shakespeare"), data.DataInputError, "use one of"),
+        (lambda: data.Entry("x", "http://x", "x/y"), data.DataInputError, "give one"),
+        (lambda: data.prepare_bin(TEXT, tok, tmp_path, 1.0), data.DataInputError, "e.g. 0.1"),
+        (lambda: data.prepare_bin(tmp_path / "nope.txt", tok, tmp_path), data.DataInputError,
+         "check the path"),
+        (lambda: data.prepare_bin(not_utf8, tok, tmp_path), data.DataInputError,
+         "convert it to UTF-8"),
+        (lambda: data.load_bin(tmp_path / "nope.bin"), data.BinError, "build it again"),
+        (lambda: data.get_batch(np.arange(9), 0, 4), data.DataInputError, "positive sizes"),
+        (lambda: data.get_batch(np.arange(3), 1, 4), data.DataInputError, "shorter context"),
+        (lambda: data.load_tokenizer({"type": "x"}), data.DataInputError, "to_dict()"),
+    ]  # fmt: skip
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "file" / "cache"))
+    monkeypatch.setenv(data.MIRROR_ENV, str(tmp_path / "mirror"))
+    (tmp_path / "mirror/tiny").mkdir(parents=True)
+    (tmp_path / "mirror/tiny/input.txt").write_bytes(BODY)
+    cases.append((lambda: data.path(_entry("http://127.0.0.1:9/never")), data.CacheError,
+                  f"set {data.CACHE_ENV} to another folder"))  # fmt: skip
+    for call, error, todo in cases:
+        with pytest.raises(error) as err:
+            call()
+        assert isinstance(err.value, data.DataError)
+        assert "\n" not in str(err.value) and todo in str(err.value)
+
+
+def test_data_functions_fit_on_a_screen():
+    tree = ast.parse(inspect.getsource(data))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            body = node.body[1:] if ast.get_docstring(node) else node.body
+            assert body[-1].end_lineno - body[0].lineno + 1 <= 60, node.name
+    shown = inspect.getsource(data.get_batch).splitlines()  # chapter 5 displays it
+    assert len(shown) <= 60 and max(map(len, shown)) <= 88
 
 
 def test_get_batch_shapes_shift_and_determinism():

@@ -5,16 +5,35 @@
 1. the cache directory (env ``MINIGPT_CACHE_DIR``; default: the platform's user cache dir,
    e.g. ``~/.cache/minigpt``); a cached file is re-verified on every call;
 2. a local mirror directory (env ``MINIGPT_DATA_MIRROR``) laid out like the cache, e.g.
-   ``$MINIGPT_DATA_MIRROR/tinyshakespeare/input.txt``; a verified mirror file is copied into
-   the cache, so the mirror is only read once and may be read-only;
+   ``$MINIGPT_DATA_MIRROR/tinyshakespeare/input.txt``; the file is copied into the cache, so
+   the mirror is only read once and may be read-only;
 3. the file's canonical URL (standard-library ``urllib``), with a progress bar.
-
-A file lands in the cache only after verification, through a temporary file in the same
-directory that is fsync'ed and then renamed with ``os.replace`` (atomic), so a failed or
-partial download never looks like a good file.
 
 ``gpt2_tokenizer()`` and ``tiktoken_gpt2()`` build GPT-2's tokenizer from those files, and
 ``load_tokenizer(d)`` rebuilds any tokenizer from its ``to_dict()`` description.
+``prepare_bin`` tokenises a corpus once into ``uint16`` token bins, ``load_bin`` maps them
+and ``get_batch`` cuts random training windows out of them.
+
+Design choices:
+
+- Verify what lands, not what was read. Every copy (download, mirror file, zip member) is
+  hashed while it is written into a temporary file; that temporary file is checked and only
+  then renamed to its final name. A source swapped after a check cannot slip through.
+- Bounded downloads. Each registry entry knows its exact size (or an upper bound): a body
+  longer than that stops the transfer at once. A transfer must also end within
+  ``DOWNLOAD_GRACE_S + limit / MIN_BYTES_PER_S`` seconds in total, so an endless body or a
+  server that drips one byte at a time ends in a ``DownloadError``, not a full disk or a hang.
+- Every write goes through ``minigpt.atomic.atomic_writer`` (fsync, atomic rename, mode
+  0644); it also removes temporaries of writers that were killed, at the next write there.
+- Token bins carry a record. ``meta.json`` beside the bins says what built them (hashes of
+  the source and the tokenizer) and what they are (SHA-256, bytes, tokens, vocabulary size,
+  dtype). ``prepare_bin`` rebuilds bins that do not match it; ``load_bin`` refuses them.
+- Ids are checked once, at the boundary: ``load_bin`` hashes the file and finds its largest
+  id in one sequential read (SHA-256 runs at the order of 1 GB/s on one core: milliseconds
+  for Tiny Shakespeare's 2 MB of bins), so ``get_batch`` checks no ids and never waits for
+  a device.
+- One error family: every failure is a ``DataError`` (bad arguments also a ``ValueError``)
+  whose message is one line that says what to do.
 """
 
 from __future__ import annotations
@@ -22,12 +41,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
+import time
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,10 +60,16 @@ import tiktoken
 import torch
 
 from minigpt import tokenizer as tokenizers
+from minigpt.atomic import atomic_writer
 
 MIRROR_ENV = "MINIGPT_DATA_MIRROR"
 CACHE_ENV = "MINIGPT_CACHE_DIR"
-_CHUNK = 1 << 16
+DEFAULT_MAX_BYTES = 256 << 20  # cap for an Entry that states neither size= nor max_bytes=
+READ_TIMEOUT_S = 30.0  # longest wait for any single network read
+DOWNLOAD_GRACE_S = 60.0  # a download may take this long plus limit / MIN_BYTES_PER_S
+MIN_BYTES_PER_S = 20_000
+BIN_FILES = ("train.bin", "val.bin")
+_CHUNK = 1 << 16  # even: a block of a token file holds whole uint16 ids
 
 
 class DataError(RuntimeError):
@@ -51,11 +77,23 @@ class DataError(RuntimeError):
 
 
 class DownloadError(DataError):
-    """A file could not be fetched (offline, HTTP error, truncated transfer)."""
+    """A file could not be fetched (offline, HTTP error, truncated, too long or too slow)."""
 
 
 class VerificationError(DataError):
     """A file's content does not match its registry entry."""
+
+
+class CacheError(DataError):
+    """A file could not be written into the cache."""
+
+
+class BinError(DataError):
+    """A token bin is missing, empty, or does not match the record ``prepare_bin`` wrote."""
+
+
+class DataInputError(DataError, ValueError):
+    """A bad argument: an unknown name, a bad fraction or size, an unusable corpus."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +102,10 @@ class Entry:
 
     ``path`` is the file's place relative to the cache and mirror roots. A file is verified by
     its ``sha256`` or, when no byte-exact hash can be pinned, by a ``check`` that raises
-    ``VerificationError``. If ``member`` is set, ``url`` points to a zip archive and the file is
-    the archive member of that name.
+    ``VerificationError`` describing the problem. If ``member`` is set, ``url`` points to a
+    zip archive and the file is the archive member of that name. ``size`` is the file's exact
+    size in bytes, if known; ``max_bytes`` bounds the download (the archive, for a member)
+    and the file; without either, ``DEFAULT_MAX_BYTES`` does.
     """
 
     name: str
@@ -74,25 +114,59 @@ class Entry:
     sha256: str | None = None
     check: Callable[[Path], None] | None = None
     member: str | None = None
+    size: int | None = None
+    max_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if (self.sha256 is None) == (self.check is None):
-            raise ValueError(f"entry {self.name!r} needs exactly one of sha256= or check=")
+            raise DataInputError(
+                f"entry {self.name!r} needs exactly one of sha256= or check=; give one"
+            )
 
     @property
     def filename(self) -> str:
         return PurePosixPath(self.path).name
 
-    def verify(self, file: Path) -> None:
-        """Raise ``VerificationError`` (naming ``file``) unless ``file`` is this entry's file."""
+    @property
+    def limit(self) -> int:
+        """The most bytes a download of this entry, or the file itself, may have."""
+        return self.max_bytes or self.size or DEFAULT_MAX_BYTES
+
+    def problem(self, file: Path, sha256: str | None = None) -> str | None:
+        """What is wrong with ``file`` as this entry's file, or ``None``.
+
+        ``sha256`` is the file's digest if the caller computed it while writing the file.
+        """
+        size = Path(file).stat().st_size
+        if self.size is not None and size != self.size:
+            return f"it has {size} bytes, expected {self.size}"
+        if size > self.limit:
+            return f"it is longer than the {self.limit} bytes this file can have"
         if self.check is not None:
-            self.check(file)
-            return
-        actual = sha256_file(file)
+            try:
+                self.check(Path(file))
+            except VerificationError as err:
+                return str(err)
+            return None
+        actual = sha256 or sha256_file(file)
         if actual != self.sha256:
+            return f"expected sha256 {self.sha256}, got {actual}"
+        return None
+
+    def verify(
+        self,
+        file: Path,
+        *,
+        sha256: str | None = None,
+        shown: str | os.PathLike | None = None,
+        todo: str = "delete it and call minigpt.data.path again",
+    ) -> None:
+        """Raise ``VerificationError`` (naming ``shown``, default ``file``) unless ``file`` is
+        this entry's file; the message ends with ``todo``."""
+        problem = self.problem(file, sha256)
+        if problem is not None:
             raise VerificationError(
-                f"{file} is not the expected {self.name!r} file: "
-                f"expected sha256 {self.sha256}, got {actual}"
+                f"{shown or file} is not the expected {self.name!r} file: {problem}; {todo}"
             )
 
 
@@ -115,13 +189,13 @@ def _check_sms_spam(file: Path) -> None:
         label, tab, text = line.rstrip(b"\r").partition(b"\t")
         if label not in counts or not tab or not text:
             raise VerificationError(
-                f"{file} is not the SMS Spam Collection: line {i} is not 'ham|spam<TAB>text'"
+                f"not the SMS Spam Collection: line {i} is not 'ham|spam<TAB>text'"
             )
         counts[label] += 1
     got = (len(lines), counts[b"ham"], counts[b"spam"])
     if got != (5574, 4827, 747):
         raise VerificationError(
-            f"{file} is not the SMS Spam Collection: expected 5574 lines (4827 ham, 747 spam), "
+            f"not the SMS Spam Collection: expected 5574 lines (4827 ham, 747 spam), "
             f"got {got[0]} lines ({got[1]} ham, {got[2]} spam)"
         )
 
@@ -131,19 +205,21 @@ _GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 # fmt: off
 REGISTRY: dict[str, Entry] = {e.name: e for e in [
     Entry("tinyshakespeare", _GH + "karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-          "tinyshakespeare/input.txt",
+          "tinyshakespeare/input.txt", size=1_115_394,
           sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
-    Entry("gpt2-encoder", _GPT2 + "encoder.json", "gpt2/encoder.json",
+    Entry("gpt2-encoder", _GPT2 + "encoder.json", "gpt2/encoder.json", size=1_042_301,
           sha256=tokenizers.GPT2_FILES_SHA256["encoder_json_sha256"]),
-    Entry("gpt2-vocab", _GPT2 + "vocab.bpe", "gpt2/vocab.bpe",
+    Entry("gpt2-vocab", _GPT2 + "vocab.bpe", "gpt2/vocab.bpe", size=456_318,
           sha256=tokenizers.GPT2_FILES_SHA256["vocab_bpe_sha256"]),
     # Copies of this file differ in bytes from the one in the UCI zip, so no hash is pinned:
-    # the content is checked by its documented format instead.
+    # the content is checked by its documented format instead. The zip is about 200 kB and
+    # the file 478 kB; 1 MiB bounds both.
     Entry("sms-spam", "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
-          "sms_spam/SMSSpamCollection", check=_check_sms_spam, member="SMSSpamCollection"),
+          "sms_spam/SMSSpamCollection", check=_check_sms_spam, member="SMSSpamCollection",
+          max_bytes=1 << 20),
     Entry("instruction-data",
           _GH + "rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json",
-          "instruction/instruction-data.json",
+          "instruction/instruction-data.json", size=203_524,
           sha256="7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"),
 ]}
 # fmt: on
@@ -163,68 +239,140 @@ def cache_dir() -> Path:
 
 
 @contextmanager
-def _atomic_writer(dest: Path) -> Iterator[tuple[BinaryIO, Path]]:
-    """Yield ``(file, tmp_path)`` of a temporary file beside ``dest``.
-
-    If the block finishes, the file is fsync'ed and renamed onto ``dest``; if it raises, the
-    temporary file is removed and ``dest`` is untouched. Verify ``tmp_path`` inside the block.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+def _cache_writer(dest: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """``atomic_writer(dest)``, with a failure of the file system as a one-line CacheError."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f, Path(tmp)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; cached data is not secret
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_writer(dest) as pair:
+            yield pair
+    except OSError as err:
+        raise CacheError(
+            f"could not write {dest} ({err.strerror or err}); make {dest.parent} writable "
+            f"and free some space, or set {CACHE_ENV} to another folder"
+        ) from None
 
 
-def _download(entry: Entry, out: BinaryIO, hint: str) -> None:
-    """Stream ``entry.url`` into ``out``; any failure, a short body included, is a DownloadError."""
+def _copy(
+    read: Callable[[], bytes],
+    out: BinaryIO,
+    limit: int,
+    on_block: Callable[[int], None] | None = None,
+) -> tuple[str, int]:
+    """Copy blocks from ``read()`` into ``out`` until it returns ``b""`` or more than ``limit``
+    bytes have come; return the SHA-256 of the bytes written and their count."""
+    h, n = hashlib.sha256(), 0
+    while n <= limit and (block := read()):
+        out.write(block)
+        h.update(block)
+        n += len(block)
+        if on_block is not None:
+            on_block(len(block))
+    return h.hexdigest(), n
+
+
+def _content_length(response: object, entry: Entry) -> int | None:
+    """The announced body size, refused at once if it is more than ``entry`` can have."""
+    length = response.headers.get("Content-Length")
+    total = int(length) if length is not None and length.isdigit() else None
+    if total is not None and total > entry.limit:
+        raise DownloadError(
+            f"{entry.url} announces {total} bytes, more than the {entry.limit} that "
+            f"{entry.name!r} can have; it is not serving that file: use a mirror ({MIRROR_ENV})"
+        )
+    return total
+
+
+def _download(entry: Entry, out: BinaryIO, hint: str) -> str:
+    """Stream ``entry.url`` into ``out``; return the SHA-256 of what was written.
+
+    The body may not exceed ``entry.limit`` bytes nor take longer than
+    ``DOWNLOAD_GRACE_S + entry.limit / MIN_BYTES_PER_S`` seconds in total; any failure, a
+    short body included, is a ``DownloadError``.
+    """
     from tqdm.auto import tqdm
 
+    seconds = DOWNLOAD_GRACE_S + entry.limit / MIN_BYTES_PER_S
+    start = time.monotonic()
     request = urllib.request.Request(entry.url, headers={"User-Agent": "minigpt-book"})
+
+    def tick(n: int) -> None:
+        bar.update(n)
+        elapsed = time.monotonic() - start
+        if elapsed > seconds:
+            raise DownloadError(
+                f"download of {entry.url} too slow: {bar.n} bytes in {elapsed:.1f} s "
+                f"({bar.n / elapsed:.0f} bytes/s, deadline {seconds:.1f} s); try again later, "
+                f"or set {MIRROR_ENV} to a directory that holds {entry.path} ({hint})"
+            )
+
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length is not None else None
-            received = 0
+        with urllib.request.urlopen(request, timeout=READ_TIMEOUT_S) as response:
+            total = _content_length(response, entry)
             with tqdm(total=total, unit="B", unit_scale=True, desc=entry.filename) as bar:
-                for block in iter(lambda: response.read(_CHUNK), b""):
-                    out.write(block)
-                    received += len(block)
-                    bar.update(len(block))
+                digest, n = _copy(lambda: response.read1(_CHUNK), out, entry.limit, tick)
     except (OSError, HTTPException) as err:  # URLError, HTTPError, timeouts, resets
         reason = getattr(err, "reason", None) or err
         raise DownloadError(
             f"could not download {entry.name!r} from {entry.url} ({reason}). To use a local "
             f"copy instead, set {MIRROR_ENV} to a directory that holds {entry.path} ({hint})."
         ) from None
-    if total is not None and received != total:
+    if n > entry.limit:
         raise DownloadError(
-            f"incomplete download of {entry.url}: received {received} of {total} bytes; try again"
+            f"{entry.url} sent more than the {entry.limit} bytes that {entry.name!r} can "
+            f"have; it is not serving that file: use a mirror ({MIRROR_ENV})"
         )
+    if total is not None and n != total:
+        raise DownloadError(
+            f"incomplete download of {entry.url}: received {n} of {total} bytes; try again"
+        )
+    return digest
+
+
+def _extract(entry: Entry, archive: BinaryIO, out: BinaryIO) -> str:
+    """Copy the zip member ``entry.member`` into ``out``; return its SHA-256."""
+    try:
+        with zipfile.ZipFile(archive) as zf, zf.open(entry.member) as src:
+            return _copy(lambda: src.read(_CHUNK), out, entry.limit)[0]
+    except (zipfile.BadZipFile, KeyError, EOFError, zlib.error) as err:
+        raise VerificationError(
+            f"{entry.url} is not a zip archive holding {entry.member!r} ({err}); "
+            f"try again later, or use a mirror ({MIRROR_ENV})"
+        ) from None
 
 
 def _fetch(entry: Entry, dest: Path, hint: str) -> None:
-    """Download ``entry``, verify it and place it at ``dest`` atomically."""
-    with _atomic_writer(dest) as (out, tmp):
+    """Download ``entry``, verify the temporary copy and only then place it at ``dest``."""
+    with _cache_writer(dest) as (out, tmp):
         if entry.member is None:
-            _download(entry, out, hint)
+            digest = _download(entry, out, hint)
         else:
             with tempfile.TemporaryFile(dir=dest.parent) as archive:
                 _download(entry, archive, hint)
-                try:
-                    with zipfile.ZipFile(archive) as zf, zf.open(entry.member) as src:
-                        shutil.copyfileobj(src, out)
-                except (zipfile.BadZipFile, KeyError) as err:
-                    raise VerificationError(f"{entry.url}: {err}") from None
+                digest = _extract(entry, archive, out)
         out.flush()
-        entry.verify(tmp)
+        entry.verify(
+            tmp, sha256=digest, shown=entry.url,
+            todo=f"try again later, or use a mirror ({MIRROR_ENV})",
+        )  # fmt: skip
+
+
+def _copy_verified(entry: Entry, source: Path, dest: Path, todo: str) -> None:
+    """Copy ``source`` to ``dest``, hashing while copying; verify the copy before placing it."""
+    try:
+        with open(source, "rb") as src, _cache_writer(dest) as (out, tmp):
+            digest, _ = _copy(lambda: src.read(_CHUNK), out, entry.limit)
+            out.flush()
+            entry.verify(tmp, sha256=digest, shown=source, todo=todo)
+    except OSError as err:  # reading the source: writing errors are CacheErrors
+        raise VerificationError(f"cannot read {source} ({err.strerror}); {todo}") from None
+
+
+def _entry(name: str | Entry) -> Entry:
+    if isinstance(name, Entry):
+        return name
+    if name not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        raise DataInputError(f"unknown data file {name!r}; use one of: {known}")
+    return REGISTRY[name]
 
 
 def path(name: str | Entry) -> Path:
@@ -232,34 +380,24 @@ def path(name: str | Entry) -> Path:
 
     Order: cache, then ``$MINIGPT_DATA_MIRROR`` (copied into the cache), then the canonical
     URL. Raises ``DownloadError`` if the file cannot be fetched, ``VerificationError`` if a
-    mirror or downloaded file does not match, ``ValueError`` for an unknown name.
+    mirror or downloaded file does not match, ``DataInputError`` for an unknown name.
     """
-    if isinstance(name, Entry):
-        entry = name
-    elif name in REGISTRY:
-        entry = REGISTRY[name]
-    else:
-        known = ", ".join(sorted(REGISTRY))
-        raise ValueError(f"unknown data file {name!r}; known names: {known}")
+    entry = _entry(name)
     dest = cache_dir() / entry.path
     if dest.is_file():
-        try:
-            entry.verify(dest)
+        problem = entry.problem(dest)
+        if problem is None:
             return dest
-        except VerificationError as err:
-            warnings.warn(f"re-fetching a corrupted cache file: {err}", stacklevel=2)
+        warnings.warn(f"re-fetching a corrupted cache file: {dest}: {problem}", stacklevel=2)
     mirror = os.environ.get(MIRROR_ENV)
-    if mirror:
-        source = Path(mirror).expanduser() / entry.path
-        if source.is_file():
-            entry.verify(source)
-            with _atomic_writer(dest) as (out, _), open(source, "rb") as src:
-                shutil.copyfileobj(src, out)
-            return dest
-        hint = f"the mirror {mirror} has no such file"
+    source = Path(mirror).expanduser() / entry.path if mirror else None
+    if source is not None and source.is_file():
+        todo = f"replace it with the original file, or unset {MIRROR_ENV} to download it"
+        _copy_verified(entry, source, dest, todo)
+    elif mirror:
+        _fetch(entry, dest, f"the mirror {mirror} has no such file")
     else:
-        hint = f"{MIRROR_ENV} is not set"
-    _fetch(entry, dest, hint)
+        _fetch(entry, dest, f"{MIRROR_ENV} is not set")
     return dest
 
 
@@ -292,9 +430,8 @@ def tiktoken_gpt2() -> tiktoken.Encoding:
     for name in ("gpt2-encoder", "gpt2-vocab"):
         entry = REGISTRY[name]
         target = tk_dir / hashlib.sha1(entry.url.encode()).hexdigest()
-        if not (target.is_file() and sha256_file(target) == entry.sha256):
-            with _atomic_writer(target) as (out, _), open(path(name), "rb") as src:
-                shutil.copyfileobj(src, out)
+        if not (target.is_file() and entry.problem(target) is None):
+            _copy_verified(entry, path(name), target, f"delete {cache_dir()} and try again")
     with _env("TIKTOKEN_CACHE_DIR", str(tk_dir)):
         return tiktoken.get_encoding("gpt2")
 
@@ -320,7 +457,7 @@ def load_tokenizer(d: dict) -> Tokenizer:
     ``"char"`` and ``"bpe"`` descriptions hold their vocabulary; ``"gpt2"`` names GPT-2's
     published files by their SHA-256, and is rebuilt from this registry's copies of them.
     """
-    kind = d.get("type")
+    kind = d.get("type") if isinstance(d, dict) else None
     if kind == "char":
         return tokenizers.CharTokenizer.from_dict(d)
     if kind == "bpe":
@@ -328,14 +465,14 @@ def load_tokenizer(d: dict) -> Tokenizer:
     if kind == "gpt2":
         wanted = {k: d.get(k) for k in tokenizers.GPT2_FILES_SHA256}
         if wanted != tokenizers.GPT2_FILES_SHA256:
-            raise ValueError(
+            raise DataInputError(
                 f"this 'gpt2' description names files with sha256 {wanted}, but GPT-2's files "
-                f"are {tokenizers.GPT2_FILES_SHA256}; it was not written by minigpt's to_dict()"
+                f"are {tokenizers.GPT2_FILES_SHA256}; describe the tokenizer with its to_dict()"
             )
-        return gpt2_tokenizer(d["special_tokens"])
-    raise ValueError(
+        return gpt2_tokenizer(d.get("special_tokens", ("<|endoftext|>",)))
+    raise DataInputError(
         f"unknown tokenizer type {kind!r}; expected 'char', 'bpe' or 'gpt2' "
-        "(a description written by a tokenizer's to_dict())"
+        "(pass a description written by a tokenizer's to_dict())"
     )
 
 
@@ -344,10 +481,15 @@ def _blocks(source: str | os.PathLike, size: int) -> Iterator[str]:
     if isinstance(source, str):
         for i in range(0, len(source), size):
             yield source[i : i + size]
-    else:
-        with open(source, encoding="utf-8") as f:
+        return
+    with open(source, encoding="utf-8") as f:
+        try:
             while block := f.read(size):
                 yield block
+        except UnicodeDecodeError as err:
+            raise DataInputError(
+                f"{source} is not UTF-8 text ({err.reason}); convert it to UTF-8"
+            ) from None
 
 
 def _last_cut(buf: str, start: int) -> int:
@@ -385,6 +527,126 @@ def _fingerprint(tokenizer: Tokenizer) -> dict:
     return {"type": kind, "vocab_size": tokenizer.vocab_size, "sha256": digest}
 
 
+def _bin_key(text_or_path: str | os.PathLike, tokenizer: Tokenizer, val_fraction: float) -> dict:
+    """Check ``prepare_bin``'s arguments; return what identifies the bins they build."""
+    if not 0 <= val_fraction < 1:
+        raise DataInputError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.1")
+    if isinstance(text_or_path, str) and "\n" not in text_or_path and os.path.isfile(text_or_path):
+        raise DataInputError(
+            f"{text_or_path!r} names a file, but a str is taken as the text itself; "
+            f"pass pathlib.Path({text_or_path!r}) to tokenise the file"
+        )
+    if not isinstance(text_or_path, str) and not Path(text_or_path).is_file():
+        raise DataInputError(f"corpus file {text_or_path} does not exist; check the path")
+    if tokenizer.vocab_size > 1 << 16:
+        raise DataInputError(
+            f"vocab_size {tokenizer.vocab_size} does not fit the uint16 token files (ids must "
+            "be < 65536); use a tokenizer with at most 65,536 tokens"
+        )
+    if isinstance(text_or_path, str):
+        source_sha256 = hashlib.sha256(text_or_path.encode("utf-8")).hexdigest()
+    else:
+        source_sha256 = sha256_file(Path(text_or_path))
+    return {
+        "format": "minigpt-bin-2",
+        "dtype": "uint16",
+        "source_sha256": source_sha256,
+        "tokenizer": _fingerprint(tokenizer),
+        "val_fraction": val_fraction,
+    }
+
+
+def _scan(file: Path) -> tuple[str, int]:
+    """One pass over a token file: its SHA-256 and its largest id (-1 if empty)."""
+    h, top = hashlib.sha256(), -1
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+            if len(block) >= 2:
+                ids = np.frombuffer(block, dtype=np.uint16, count=len(block) // 2)
+                top = max(top, int(ids.max()))
+    return h.hexdigest(), top
+
+
+def _read_meta(file: Path) -> dict | None:
+    """The record in a bins folder's ``meta.json``, or ``None`` if it is missing or unreadable."""
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _bin_problem(file: Path, meta: dict | None, vocab_size: int | None = None) -> str | None:
+    """What is wrong with the token file ``file`` given its folder's record, or ``None``.
+
+    Checks, in order of cost: the record exists, the size, then one pass for the SHA-256 and
+    the largest id (which must be below the recorded vocabulary size and ``vocab_size``).
+    """
+    files = meta.get("files") if meta else None
+    record = files.get(file.name) if isinstance(files, dict) else None
+    if not isinstance(record, dict):
+        return f"{file} has no record in {file.parent / 'meta.json'}"
+    if not file.is_file():
+        return f"{file} does not exist"
+    size = file.stat().st_size
+    if size != record.get("bytes"):
+        return f"{file} has {size} bytes, its record says {record.get('bytes')}"
+    digest, top = _scan(file)
+    if digest != record.get("sha256"):
+        recorded = record.get("sha256")
+        return f"{file} changed after it was written (sha256 {digest}, recorded {recorded})"
+    recorded = meta.get("vocab_size")
+    limit = min(recorded, vocab_size or recorded) if isinstance(recorded, int) else 0
+    if top >= limit:
+        return f"{file} holds token id {top}, not below the vocabulary size {limit}"
+    return None
+
+
+def _cached_bins(out: Path, key: dict) -> dict | None:
+    """The record of bins in ``out`` built from ``key``'s inputs and intact, else ``None``."""
+    meta = _read_meta(out / "meta.json")
+    if meta is None or key["tokenizer"]["sha256"] is None:
+        return None
+    if {k: meta.get(k) for k in key} != key:
+        return None
+    for name in BIN_FILES:
+        problem = _bin_problem(out / name, meta)
+        if problem is not None:
+            warnings.warn(f"rebuilding token bins: {problem}", stacklevel=3)
+            return None
+    return meta
+
+
+def _write_bins(
+    text_or_path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    out: Path,
+    val_fraction: float,
+    chunk_chars: int,
+) -> tuple[int, int]:
+    """Tokenise into ``out/train.bin`` and ``out/val.bin``; return their token counts."""
+    with _cache_writer(out / "train.bin") as (f, tmp):
+        n = 0
+        for piece in _pieces(_blocks(text_or_path, chunk_chars)):
+            ids = np.asarray(tokenizer.encode(piece), dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+                raise DataInputError(
+                    f"tokenizer produced ids outside 0..{tokenizer.vocab_size - 1}: "
+                    f"min {ids.min()}, max {ids.max()}; fix the tokenizer's vocab_size"
+                )
+            f.write(ids.astype(np.uint16).tobytes())
+            n += ids.size
+        if n == 0:
+            raise DataInputError("the corpus is empty: nothing to tokenise; give it some text")
+        n_val = int(n * val_fraction)
+        f.flush()
+        with _cache_writer(out / "val.bin") as (g, _):
+            g.write(np.fromfile(tmp, dtype=np.uint16, offset=2 * (n - n_val)).tobytes())
+        f.truncate(2 * (n - n_val))
+    return n - n_val, n_val
+
+
 def prepare_bin(
     text_or_path: str | os.PathLike,
     tokenizer: Tokenizer,
@@ -397,79 +659,59 @@ def prepare_bin(
 
     A ``str`` is the text itself; a ``Path`` (or other ``os.PathLike``) names a UTF-8 file.
     The last ``val_fraction`` of the tokens go to ``val.bin``. ``meta.json`` records the
-    source's SHA-256, the tokenizer (via its ``to_dict()``) and the counts; calling again with
-    the same inputs returns that record without re-tokenising. Tokenizers without ``to_dict()``
-    cannot be identified, so their bins are always rebuilt. Returns the ``meta.json`` content.
+    source's SHA-256, the tokenizer (via its ``to_dict()``), the counts, and each bin's
+    SHA-256, size and token count. Calling again with the same inputs returns that record
+    without re-tokenising, after checking the bins against it (one read of each; bins that
+    do not match are rebuilt, with a warning). Tokenizers without ``to_dict()`` cannot be
+    identified, so their bins are always rebuilt. Returns the ``meta.json`` content.
     """
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if isinstance(text_or_path, str) and "\n" not in text_or_path and os.path.isfile(text_or_path):
-        raise ValueError(
-            f"{text_or_path!r} names a file, but a str is taken as the text itself; "
-            f"pass pathlib.Path({text_or_path!r}) to tokenise the file"
-        )
-    if tokenizer.vocab_size > 1 << 16:
-        raise ValueError(
-            f"vocab_size {tokenizer.vocab_size} does not fit the uint16 token files (ids must "
-            "be < 65536); use a tokenizer with at most 65,536 tokens"
-        )
+    key = _bin_key(text_or_path, tokenizer, val_fraction)
     out = Path(out_dir)
-    if isinstance(text_or_path, str):
-        source_sha256 = hashlib.sha256(text_or_path.encode("utf-8")).hexdigest()
-    else:
-        source_sha256 = sha256_file(Path(text_or_path))
-    key = {
-        "format": "minigpt-bin-1",
-        "dtype": "uint16",
-        "source_sha256": source_sha256,
-        "tokenizer": _fingerprint(tokenizer),
-        "val_fraction": val_fraction,
-    }
-    meta_file, train_file, val_file = out / "meta.json", out / "train.bin", out / "val.bin"
-    if meta_file.is_file() and key["tokenizer"]["sha256"] is not None:
-        meta = json.loads(meta_file.read_text())
-        if (
-            {k: meta.get(k) for k in key} == key
-            and train_file.is_file()
-            and val_file.is_file()
-            and train_file.stat().st_size == 2 * meta["train_tokens"]
-            and val_file.stat().st_size == 2 * meta["val_tokens"]
-        ):
-            return meta
-    meta_file.unlink(missing_ok=True)  # a crash below must not leave a stale record behind
-    with _atomic_writer(train_file) as (f, tmp):
-        n = 0
-        for piece in _pieces(_blocks(text_or_path, chunk_chars)):
-            ids = np.asarray(tokenizer.encode(piece), dtype=np.int64)
-            if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
-                raise ValueError(
-                    f"tokenizer produced ids outside 0..{tokenizer.vocab_size - 1}: "
-                    f"min {ids.min()}, max {ids.max()}"
-                )
-            f.write(ids.astype(np.uint16).tobytes())
-            n += ids.size
-        if n == 0:
-            raise ValueError("the corpus is empty: nothing to tokenise")
-        n_val = int(n * val_fraction)
-        f.flush()
-        with _atomic_writer(val_file) as (g, _):
-            g.write(np.fromfile(tmp, dtype=np.uint16, offset=2 * (n - n_val)).tobytes())
-        f.truncate(2 * (n - n_val))
-    meta = {**key, "train_tokens": n - n_val, "val_tokens": n_val}
-    with _atomic_writer(meta_file) as (f, _):
+    meta = _cached_bins(out, key)
+    if meta is not None:
+        return meta
+    (out / "meta.json").unlink(missing_ok=True)  # a crash below must not leave a stale record
+    n_train, n_val = _write_bins(text_or_path, tokenizer, out, val_fraction, chunk_chars)
+    files = {}
+    for name, tokens in zip(BIN_FILES, (n_train, n_val), strict=True):
+        files[name] = {"bytes": 2 * tokens, "tokens": tokens, "sha256": _scan(out / name)[0]}
+    meta = {**key, "vocab_size": tokenizer.vocab_size, "train_tokens": n_train,
+            "val_tokens": n_val, "files": files}  # fmt: skip
+    with _cache_writer(out / "meta.json") as (f, _):
         f.write(json.dumps(meta, indent=1).encode())
     return meta
 
 
-def load_bin(file: str | os.PathLike) -> np.memmap:
-    """Memory-map a token file written by ``prepare_bin`` (read-only, ``uint16``)."""
-    size = Path(file).stat().st_size
-    if size == 0 or size % 2:
-        raise ValueError(
-            f"{file} is not a non-empty uint16 token file ({size} bytes); "
-            "build it with prepare_bin (with val_fraction > 0 for val.bin)"
+def load_bin(file: str | os.PathLike, *, vocab_size: int | None = None) -> np.memmap:
+    """Memory-map a token file written by ``prepare_bin`` (read-only, ``uint16``), checked.
+
+    The file must match its record in the ``meta.json`` beside it (size and SHA-256) and
+    hold only ids below the recorded vocabulary size and ``vocab_size`` (e.g. the model's),
+    so nothing downstream checks ids again. Cost: one read and SHA-256 of the whole file.
+    """
+    file = Path(file)
+    if file.is_file() and file.stat().st_size == 0:
+        raise BinError(
+            f"{file} is an empty token file; build it with prepare_bin with val_fraction > 0"
         )
+    problem = _bin_problem(file, _read_meta(file.parent / "meta.json"), vocab_size)
+    if problem is not None:
+        raise BinError(f"{problem}; delete {file.parent} and build it again with prepare_bin")
     return np.memmap(file, dtype=np.uint16, mode="r")
+
+
+def _check_batch_shape(n_tokens: int, batch_size: int, context_length: int) -> None:
+    """``get_batch``'s argument checks: positive sizes and enough tokens for one window."""
+    if batch_size < 1 or context_length < 1:
+        raise DataInputError(
+            f"need batch_size >= 1 and context_length >= 1, got {batch_size} and "
+            f"{context_length}; pass positive sizes"
+        )
+    if n_tokens < context_length + 1:
+        raise DataInputError(
+            f"data has {n_tokens} tokens, too few for context_length={context_length} "
+            f"(need at least {context_length + 1}); use a shorter context or more data"
+        )
 
 
 def get_batch(
@@ -479,22 +721,16 @@ def get_batch(
     device: str | torch.device = "cpu",
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``batch_size`` random windows of ``data``: inputs ``x`` and targets ``y``.
+    """Sample ``batch_size`` random windows of ``data``: inputs ``x``, targets ``y``.
 
-    ``y[b, t] == x[b, t + 1]``: each position's target is the next token. Both are ``int64``
-    tensors of shape ``(batch_size, context_length)``. Window starts are drawn with
-    ``generator`` (the global torch RNG if ``None``), so a seeded generator repeats batches.
+    ``y[b, t] == x[b, t + 1]``: each position's target is the next token. Both are
+    ``int64`` tensors of shape ``(batch_size, context_length)``. Window starts are
+    drawn with ``generator`` (the global torch RNG if ``None``), so a seeded generator
+    repeats batches. ``load_bin`` checked the ids once: no check here waits for a GPU.
     """
-    if batch_size < 1 or context_length < 1:
-        raise ValueError(
-            f"need batch_size >= 1 and context_length >= 1, got {batch_size} and {context_length}"
-        )
-    if len(data) < context_length + 1:
-        raise ValueError(
-            f"data has {len(data)} tokens, too few for context_length={context_length} "
-            f"(need at least {context_length + 1}); use a shorter context or more data"
-        )
-    starts = torch.randint(len(data) - context_length, (batch_size,), generator=generator)
+    _check_batch_shape(len(data), batch_size, context_length)
+    n_starts = len(data) - context_length  # windows of context_length + 1 tokens
+    starts = torch.randint(n_starts, (batch_size,), generator=generator)
     index = starts.numpy()[:, None] + np.arange(context_length + 1)
     windows = torch.from_numpy(np.asarray(data)[index].astype(np.int64))
     x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
