@@ -201,7 +201,7 @@ def test_bad_weights_name_the_key(hf_dir, tmp_path):
 
 
 def test_bad_config_and_directory(hf_dir, tmp_path):
-    with pytest.raises(CheckpointError, match="lacks config.json, model.safetensors"):
+    with pytest.raises(CheckpointError, match="config.json is missing; model.safetensors is"):
         from_pretrained(tmp_path)
     with pytest.raises(PretrainedError, match="is not a directory"):
         from_pretrained(tmp_path / "nope")

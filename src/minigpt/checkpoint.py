@@ -263,8 +263,10 @@ def read_model_dir(directory: str | os.PathLike) -> dict:
     missing = [f for f in MODEL_FILES if not (directory / f).is_file()]
     if missing:
         raise CheckpointError(
-            f"{directory} lacks {', '.join(missing)}; a model directory holds config.json and "
-            "model.safetensors (written by export_model, save_hf or transformers' save_pretrained)"
+            f"{directory} is not a model directory: "
+            + "; ".join(f"{name} is missing" for name in missing)
+            + " (it needs config.json and model.safetensors, as written by export_model, "
+            "save_hf or transformers' save_pretrained)"
         )
     verify_files(directory)
     config = _json_file(directory / "config.json")
