@@ -258,8 +258,6 @@ def read_model_dir(directory: str | os.PathLike) -> dict:
     when a manifest records them (``verify_files``).
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory} is not a directory (config.json, model.safetensors)")
     missing = [f for f in MODEL_FILES if not (directory / f).is_file()]
     if missing:
         raise CheckpointError(

@@ -150,7 +150,7 @@ class GPTConfig:
         unknown = sorted(set(d) - known, key=str)
         if unknown:
             raise ConfigError(
-                f"unknown GPTConfig key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}"
+                f"unknown GPTConfig keys {unknown}; valid keys: {', '.join(sorted(known))}"
             )
         return cls(**d)
 
