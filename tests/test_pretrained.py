@@ -2,12 +2,16 @@
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from minigpt.bpe import train_bpe_from_text
+from minigpt.checkpoint import CheckpointError, load_model
+from minigpt.data import gpt2_tokenizer
 from minigpt.model import GPT, gpt2_config, param_count
 from minigpt.pretrained import (
     PretrainedError,
@@ -17,6 +21,7 @@ from minigpt.pretrained import (
     save_hf,
     to_hf_state_dict,
 )
+from minigpt.tokenizer import Tokenizer
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
             bos_token_id=0, eos_token_id=0)
@@ -57,11 +62,63 @@ def test_load_matches_transformers(hf_dir):
     assert not ours.training
 
 
-def test_gpt_from_pretrained_is_the_same_loader(hf_dir):
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
+
+
+def test_from_pretrained_loads_minigpt_directories():
+    """One entry point for every directory: minigpt's own export as well as GPT-2's layout."""
+    model = from_pretrained(SHIPPED / "shakespeare-char")
+    same, _ = load_model(SHIPPED / "shakespeare-char")
     idx = torch.arange(10).unsqueeze(0)
     with torch.no_grad():
-        shortcut = GPT.from_pretrained(str(hf_dir))(idx)[0]
-        assert torch.equal(shortcut, from_pretrained(hf_dir)(idx)[0])
+        assert torch.equal(model(idx)[0], same(idx)[0])
+    assert not model.training
+
+
+def test_gpt2_config_claiming_huge_sizes_is_refused_before_allocating(hf_dir, tmp_path):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    for key, value, message in [("n_layer", 10**9, "n_layer=1000000000 but the weights hold 2"),
+                                ("n_embd", "32", "n_embd must be a positive integer"),
+                                ("n_head", -2, "n_head must be a positive integer")]:
+        bad = tmp_path / key
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({**cfg, key: value}))
+        (bad / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
+        with pytest.raises(CheckpointError, match=message):
+            load_hf(bad)
+
+
+def test_save_hf_writes_special_ids_inside_the_vocabulary(tmp_path):
+    """transformers warns about a bos/eos id outside the vocabulary (GPT-2's 50256 of 300)."""
+    torch.manual_seed(0)
+    small = GPT(gpt2_config("gpt2", vocab_size=300, block_size=32, n_layer=1, n_head=2,
+                            n_embd=16))
+    save_hf(small, tmp_path)
+    loaded = GPT2Config.from_pretrained(tmp_path).to_dict()
+    ids = {k: v for k, v in loaded.items() if k.endswith("_token_id")}
+    assert {"bos_token_id", "eos_token_id"} <= ids.keys()
+    assert all(v is None or 0 <= v < 300 for v in ids.values()), ids
+    assert hf_config(gpt2_config("gpt2"))["eos_token_id"] == 50256
+
+
+@pytest.mark.parametrize("kind", ["own-bpe", "gpt2"])
+def test_save_hf_writes_tokenizer_files_transformers_reads(kind, tmp_path):
+    text = "the king is dead, long live the queen! " * 40
+    if kind == "gpt2":
+        tok = gpt2_tokenizer()
+    else:
+        specials = ["<|endoftext|>"]
+        tok = Tokenizer(*train_bpe_from_text(text, 300, specials), specials)
+    torch.manual_seed(0)
+    model = GPT(gpt2_config("gpt2", vocab_size=tok.vocab_size, block_size=32, n_layer=1,
+                            n_head=2, n_embd=16))
+    save_hf(model, tmp_path, tok)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    sample = "The queen is dead; long live the king?  Yes.\n"
+    assert hf_tok(sample)["input_ids"] == tok.encode(sample)
+    eot = tok.special_tokens["<|endoftext|>"]
+    assert hf_tok.eos_token_id == eot
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == eot
 
 
 def test_export_loads_in_transformers(tmp_path):
@@ -142,7 +199,7 @@ def test_bad_weights_name_the_key(hf_dir, tmp_path):
 
 
 def test_bad_config_and_directory(hf_dir, tmp_path):
-    with pytest.raises(PretrainedError, match="lacks config.json, model.safetensors"):
+    with pytest.raises(CheckpointError, match="config.json is missing; model.safetensors is"):
         from_pretrained(tmp_path)
     with pytest.raises(PretrainedError, match="is not a directory"):
         from_pretrained(tmp_path / "nope")

@@ -54,6 +54,10 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+class ConfigError(ValueError):
+    """A model configuration with an unknown key or a value of the wrong type or range."""
+
+
 @dataclass
 class GPTConfig:
     """Hyper-parameters of a GPT; invalid values raise a ValueError when the config is built."""
@@ -74,33 +78,43 @@ class GPTConfig:
     mlp_hidden: int | None = None  # None: 4*n_embd (gelu), 8/3*n_embd rounded up to 64 (swiglu)
 
     def __post_init__(self) -> None:
+        """Check every field's type and range; raise ``ConfigError`` naming the field."""
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not _positive_int(value):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
-                "(each head gets n_embd // n_head dimensions)"
-            )
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("n_kv_head", "mlp_hidden"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias must be true or false (a bool), got {self.bias!r}")
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+        for name in ("dropout", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be finite, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                "(each head gets n_embd // n_head dimensions)"
+            )
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-            raise ValueError(
+            raise ConfigError(
                 f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} "
                 "(each key/value head serves n_head // n_kv_head query heads)"
             )
         if self.pos_emb == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE rotates pairs of dimensions: head_dim={self.head_dim} is odd")
+            raise ConfigError(f"RoPE rotates pairs of dimensions: head_dim={self.head_dim} is odd")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
 
     @property
     def head_dim(self) -> int:
@@ -125,11 +139,19 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
-        """Build a config from ``to_dict()`` output; unknown keys raise a ValueError."""
+        """Build a config from ``to_dict()`` output (e.g. a config.json's ``"model"`` entry).
+
+        Strict: unknown keys and values of the wrong type or range raise ``ConfigError`` (a
+        ``ValueError``) naming the key; missing keys take their defaults.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model config must be a JSON object (dict), got {d!r:.60}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ValueError(f"unknown GPTConfig keys {unknown}; valid keys: {sorted(known)}")
+            raise ConfigError(
+                f"unknown GPTConfig keys {unknown}; valid keys: {', '.join(sorted(known))}"
+            )
         return cls(**d)
 
 
@@ -419,17 +441,6 @@ class GPT(nn.Module):
         """
         T = self.config.block_size if seq_len is None else seq_len
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, **download_kwargs) -> GPT:
-        """Released GPT-2 weights ("gpt2" ... "gpt2-xl", a hub id, or a local directory).
-
-        The loading code lives in ``minigpt.pretrained`` (chapter 8), which builds on this
-        module; this is a shortcut to ``minigpt.pretrained.from_pretrained``.
-        """
-        from minigpt.pretrained import from_pretrained  # pretrained imports model, not back
-
-        return from_pretrained(name_or_dir, **download_kwargs)
 
     @torch.no_grad()
     def crop_block_size(self, block_size: int) -> None:

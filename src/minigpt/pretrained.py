@@ -11,9 +11,20 @@ with two differences that this module undoes:
   include the causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` (not parameters: we
   ignore them) and leave out ``lm_head.weight`` (tied to the token embedding ``wte``).
 
-``from_pretrained("gpt2")`` downloads through ``huggingface_hub`` (its cache, ``HF_ENDPOINT``
-for a mirror, ``HF_HUB_OFFLINE``) or reads a local directory; ``save_hf`` writes a directory that
-``transformers.GPT2LMHeadModel.from_pretrained`` loads.
+Design choices:
+
+* this module converts layouts only; reading a model directory (files present, hashes when
+  a manifest records them, JSON) is ``minigpt.checkpoint.read_model_dir``, the one reader;
+* ``from_pretrained`` is the public entry point for "give me a GPT": a GPT-2 size or hub id
+  (downloaded through ``huggingface_hub``: its cache, ``HF_ENDPOINT`` for a mirror,
+  ``HF_HUB_OFFLINE``), a Hugging Face directory, or one of minigpt's own model directories
+  (``export_model``, loaded by ``minigpt.checkpoint.load_model``);
+* ``load_hf`` builds the model on the ``meta`` device and assigns the loaded tensors (no
+  random initialisation, no second copy), after checking the config's block count against
+  the file's header, so a config claiming a billion layers allocates nothing;
+* ``save_hf`` writes what ``transformers.GPT2LMHeadModel.from_pretrained`` loads, with
+  end-of-text ids that exist in the model's vocabulary, plus the tokenizer files
+  (``vocab.json``, ``merges.txt``) when the tokenizer is a byte-level BPE.
 """
 
 from __future__ import annotations
@@ -24,11 +35,22 @@ import socket
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from minigpt.atomic import atomic_write, atomic_write_text
+from minigpt.checkpoint import (
+    CheckpointError,
+    check_block_count,
+    is_minigpt_dir,
+    load_model,
+    read_model_dir,
+    weight_shapes,
+)
+from minigpt.data import path as data_path
 from minigpt.model import GPT, GPTConfig
 
 HUB_REPOS = {  # the released sizes, as hosted on the Hugging Face Hub
@@ -40,9 +62,10 @@ HUB_REPOS = {  # the released sizes, as hosted on the Hugging Face Hub
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # weights stored (in, out)
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
 _FILES = ("config.json", "model.safetensors")
+GPT2_EOT = 50256  # GPT-2's <|endoftext|>, its only special token
 
 
-class PretrainedError(ValueError):
+class PretrainedError(CheckpointError):
     """Weights or a config that do not fit ``minigpt.GPT``, or a model that cannot be fetched."""
 
 
@@ -64,17 +87,26 @@ def config_from_hf(hf: Mapping) -> GPTConfig:
                 f"config.json has {key}={hf[key]!r}, but minigpt's GPT computes with {ours!r}; "
                 "this checkpoint is not a standard GPT-2 and cannot be loaded exactly"
             )
-    n_embd = hf["n_embd"]
-    if hf.get("n_inner") not in (None, 4 * n_embd):
-        raise PretrainedError(f"n_inner={hf['n_inner']} is not 4 * n_embd={4 * n_embd}")
-    return GPTConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-        n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True,
-    )
+    sizes = {"vocab_size": "vocab_size", "block_size": "n_positions", "n_layer": "n_layer",
+             "n_head": "n_head", "n_embd": "n_embd"}
+    missing = [hf_key for hf_key in sizes.values() if hf_key not in hf]
+    if missing:
+        raise PretrainedError(f"config.json lacks {missing[0]!r}: not a GPT-2 config")
+    try:
+        config = GPTConfig(**{ours: hf[key] for ours, key in sizes.items()}, dropout=0.0)
+    except ValueError as e:  # ConfigError: a size of the wrong type or range
+        raise PretrainedError(f"config.json: {e}") from None
+    if hf.get("n_inner") not in (None, 4 * config.n_embd):
+        raise PretrainedError(f"n_inner={hf['n_inner']} is not 4 * n_embd={4 * config.n_embd}")
+    return config
 
 
-def hf_config(config: GPTConfig) -> dict:
-    """A Hugging Face ``config.json`` dict for a GPT-2-layout ``GPTConfig`` (the inverse)."""
+def hf_config(config: GPTConfig, eos_token_id: int | None = None) -> dict:
+    """A Hugging Face ``config.json`` dict for a GPT-2-layout ``GPTConfig`` (the inverse).
+
+    ``bos_token_id`` and ``eos_token_id`` are ``eos_token_id``; by default GPT-2's 50256 when
+    the vocabulary holds it, else None (no end-of-text token: transformers then warns nothing).
+    """
     gpt2_layout = dict(norm="layernorm", mlp="gelu", pos_emb="learned", bias=True)
     for key, value in gpt2_layout.items():
         if getattr(config, key) != value:
@@ -84,6 +116,10 @@ def hf_config(config: GPTConfig) -> dict:
             )
     if config.kv_heads != config.n_head or config.hidden_dim != 4 * config.n_embd:
         raise PretrainedError("the GPT-2 layout needs n_kv_head == n_head and a 4 * n_embd MLP")
+    if eos_token_id is None and config.vocab_size > GPT2_EOT:
+        eos_token_id = GPT2_EOT
+    if eos_token_id is not None and not 0 <= eos_token_id < config.vocab_size:
+        raise PretrainedError(f"eos_token_id={eos_token_id} is outside the vocabulary")
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.vocab_size, "n_positions": config.block_size,
@@ -91,6 +127,7 @@ def hf_config(config: GPTConfig) -> dict:
         "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
+        "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
     }
 
 
@@ -99,12 +136,14 @@ def is_conv1d(name: str) -> bool:
     return name.endswith(".weight") and any(f".{m}.weight" in name for m in CONV1D)
 
 
-def from_hf_state_dict(hf: Mapping[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
-    """Rename and transpose a Hugging Face GPT-2 state dict into ``GPT(config)``'s names.
+def from_hf_state_dict(
+    hf: Mapping[str, Tensor], config: GPTConfig
+) -> dict[str, Tensor]:
+    """Rename and transpose a Hugging Face GPT-2 state dict into GPT(config)'s names.
 
-    Accepts names with or without the ``transformer.`` prefix; drops the mask buffers; accepts
-    ``lm_head.weight`` only if it equals ``wte`` (GPT-2 ties them). Raises ``PretrainedError``
-    naming the first missing, unexpected or mis-shaped key.
+    Accepts names with or without the ``transformer.`` prefix; drops the mask buffers;
+    accepts ``lm_head.weight`` only if it equals ``wte`` (GPT-2 ties them). Raises
+    ``PretrainedError`` naming the first missing, unexpected or mis-shaped key.
     """
     with torch.device("meta"):  # shapes only: nothing is allocated
         expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
@@ -112,27 +151,30 @@ def from_hf_state_dict(hf: Mapping[str, Tensor], config: GPTConfig) -> dict[str,
     for name, tensor in hf.items():
         if name.endswith(_IGNORED_SUFFIXES):
             continue
-        ours = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+        ours = name
+        if not name.startswith(("transformer.", "lm_head.")):
+            ours = f"transformer.{name}"
         if ours == "lm_head.weight":
             continue  # checked against wte below
         if ours not in expected:
-            raise PretrainedError(f"unexpected key {name!r}: GPT({config}) has no {ours!r}")
+            raise PretrainedError(f"unexpected key {name!r}: GPT has no {ours!r}")
         if is_conv1d(ours):
             tensor = tensor.t()
         if tensor.shape != expected[ours]:
+            how = " (after the Conv1D transpose)" if is_conv1d(ours) else ""
             raise PretrainedError(
                 f"shape mismatch for {name!r}: the file has {tuple(tensor.shape)}"
-                f"{' (after the Conv1D transpose)' if is_conv1d(ours) else ''}, GPT expects "
-                f"{tuple(expected[ours])}; does config.json belong to these weights?"
+                f"{how}, GPT expects {tuple(expected[ours])}; does config.json fit?"
             )
         out[ours] = tensor.contiguous()
     out["lm_head.weight"] = out.get("transformer.wte.weight")
     missing = sorted(k for k in expected if out.get(k) is None)
     if missing:
-        raise PretrainedError(f"missing key {missing[0]!r} (and {len(missing) - 1} more)")
+        more = len(missing) - 1
+        raise PretrainedError(f"missing key {missing[0]!r} (and {more} more)")
     lm_head = hf.get("lm_head.weight")
     if lm_head is not None and not torch.equal(lm_head, out["lm_head.weight"]):
-        raise PretrainedError("lm_head.weight differs from wte: GPT ties them, cannot load exactly")
+        raise PretrainedError("lm_head.weight differs from wte: GPT ties them")
     return out
 
 
@@ -151,29 +193,58 @@ def to_hf_state_dict(model: GPT) -> dict[str, Tensor]:
 
 
 def load_hf(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GPT:
-    """Load a GPT-2 directory (``config.json`` + ``model.safetensors``) into a ``GPT``."""
-    directory = Path(directory)
-    missing = [f for f in _FILES if not (directory / f).is_file()]
-    if missing:
-        raise PretrainedError(
-            f"{directory} lacks {', '.join(missing)}; a Hugging Face GPT-2 directory needs "
-            "config.json and model.safetensors (save one with save_hf or save_pretrained)"
-        )
-    config = config_from_hf(json.loads((directory / "config.json").read_text()))
-    state = from_hf_state_dict(load_file(directory / "model.safetensors"), config)
-    with torch.device("meta"):
+    """Load a Hugging Face GPT-2 directory (config.json, model.safetensors) as a GPT."""
+    weights = Path(directory) / "model.safetensors"
+    config = config_from_hf(read_model_dir(directory))  # files present, JSON, hashes
+    check_block_count(config, weight_shapes(weights), str(weights))  # before any GPT
+    state = from_hf_state_dict(load_file(weights), config)
+    with torch.device("meta"):  # no memory, no random initialisation
         model = GPT(config)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
     return model.eval()
 
 
-def save_hf(model: GPT, directory: str | os.PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` in the Hugging Face GPT-2 layout."""
+def _tokenizer_files(tokenizer: Any, directory: Path, block_size: int) -> int | None:
+    """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` (GPT-2's format)
+    for a byte-level BPE; return the id of ``<|endoftext|>`` (None if it has none).
+
+    A character tokenizer has no Hugging Face equivalent: nothing is written for it.
+    """
+    d = tokenizer.to_dict()
+    if d.get("type") == "gpt2":
+        atomic_write(directory / "vocab.json",
+                     lambda tmp: tmp.write_bytes(data_path("gpt2-encoder").read_bytes()))
+        atomic_write(directory / "merges.txt",
+                     lambda tmp: tmp.write_bytes(data_path("gpt2-vocab").read_bytes()))
+    elif d.get("type") == "bpe":
+        vocab = json.dumps(d["vocab"], ensure_ascii=False, indent=0) + "\n"
+        atomic_write_text(directory / "vocab.json", vocab)
+        atomic_write_text(directory / "merges.txt", "\n".join(["#version: 0.2", *d["merges"]]))
+    else:
+        return None
+    eot = "<|endoftext|>" if "<|endoftext|>" in tokenizer.special_tokens else None
+    settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size,
+                "add_prefix_space": False, "bos_token": eot, "eos_token": eot, "unk_token": eot}
+    atomic_write_text(directory / "tokenizer_config.json", json.dumps(settings, indent=2) + "\n")
+    return tokenizer.special_tokens.get("<|endoftext|>")
+
+
+def save_hf(model: GPT, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` in the Hugging Face GPT-2 layout.
+
+    With a byte-level BPE ``tokenizer`` (own or GPT-2's), also its files, so that
+    ``transformers.AutoTokenizer`` loads it; its ``<|endoftext|>`` becomes the bos/eos id.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(model), directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+    hf_config(model.config)  # refuse a non-GPT-2 layout before writing anything
+    eos = None if tokenizer is None else _tokenizer_files(tokenizer, directory,
+                                                         model.config.block_size)
+    state = to_hf_state_dict(model)
+    atomic_write(directory / "model.safetensors",
+                 lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    config = json.dumps(hf_config(model.config, eos), indent=2) + "\n"
+    atomic_write_text(directory / "config.json", config)
     return directory
 
 
@@ -235,13 +306,17 @@ def download(
     return Path(paths[0]).parent
 
 
-def from_pretrained(name_or_dir: str | os.PathLike, **download_kwargs) -> GPT:
-    """A ``GPT`` with released GPT-2 weights ("gpt2" ... "gpt2-xl", a hub id, or a directory).
+def from_pretrained(name_or_dir: str | os.PathLike, **download_kwargs: Any) -> GPT:
+    """A ``GPT`` in eval mode: "gpt2" ... "gpt2-xl", a hub id, or a local directory.
 
-    A path to an existing directory is loaded as is; anything else is fetched with ``download``
-    (keyword arguments go there). The model is returned in eval mode, in float32.
+    A directory is loaded as is: minigpt's own (``export_model``, read by
+    ``minigpt.checkpoint.load_model``, which also returns its tokenizer) or Hugging Face's
+    GPT-2 layout (``load_hf``). Anything else is fetched with ``download`` (keyword
+    arguments go there) and loaded in float32.
     """
     if Path(name_or_dir).is_dir():
+        if is_minigpt_dir(name_or_dir):
+            return load_model(name_or_dir)[0]
         return load_hf(name_or_dir)
     if isinstance(name_or_dir, os.PathLike) or str(name_or_dir).startswith((".", "/", "~")):
         raise PretrainedError(f"{name_or_dir} is not a directory (config.json, model.safetensors)")

@@ -41,7 +41,6 @@ from minigpt.checkpoint import (
     load_model,
     read_checkpoint,
     save_checkpoint,
-    tokenizer_from_dict,
 )
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import AdamW, clip_grad_norm, lr_at, param_groups
@@ -178,7 +177,7 @@ def _bpe_tokenizer(train_text: str, cfg: TrainConfig, out: Path):
     """Train a byte-level BPE on the training text (cached as ``tokenizer.json``)."""
     cached = out / "tokenizer.json"
     if cached.is_file():
-        return tokenizer_from_dict(json.loads(cached.read_text(encoding="utf-8")))
+        return data.load_tokenizer(json.loads(cached.read_text(encoding="utf-8")))
     specials = ["<|endoftext|>"]
     vocab, merges = train_bpe_from_text(train_text, cfg.bpe_vocab_size, specials)
     tokenizer = Tokenizer(vocab, merges, specials)
