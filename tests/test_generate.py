@@ -395,3 +395,58 @@ def test_bad_max_new_tokens_and_stream_arguments():
         list(stream(model, [[1], [2]], 3))
     with pytest.raises(TypeError, match="unexpected keyword"):
         list(stream(model, [1], 3, temprature=0.5))
+
+
+# --- regression: the outputs of the decoder before the options/processors redesign -------------
+
+MODERN = {"pos_emb": "rope", "n_kv_head": 1, "norm": "rmsnorm", "mlp": "swiglu"}
+BEFORE = {  # recorded with the 529-line generate.py (commit c2efcb7) on one thread
+    "gpt2": {
+        "greedy": [[24, 24, 24, 24, 7, 7, 24, 24, 24, 7, 7, 24, 24, 24, 7, 7, 24, 24, 24, 7],
+                   [24, 24, 24, 24, 24, 24, 24, 11, 7, 7, 24, 7, 7, 24, 24, 24, 24, 24, 24, 24],
+                   [7, 7, 7, 7, 7, 7, 7, 24, 24, 24, 24, 24, 24, 24, 24, 11, 7, 7, 24, 7]],
+        "penalty": [[24, 7, 24, 25, 15, 5, 24, 11, 29, 24, 7, 7, 7, 7, 7, 7, 24, 26, 7, 7]],
+        "shift3": [[24, 24, 24, 24, 7, 7, 7, 24, 24, 24, 24, 24, 24, 24, 24, 11, 7, 7, 7, 7]],
+        "beam": [24],
+        "beam4": [[11, 24, 7, 24, 7, 7, 24, 24, 24, 7], [24, 7, 24, 24, 7, 7, 24, 24, 24, 24]],
+        "sample": [[7, 11, 7, 7, 24, 7, 5, 7, 7, 24, 15, 24, 7, 7, 15],
+                   [29, 15, 5, 7, 24, 11, 7, 11, 11, 7, 7, 15, 7, 5, 11]],
+        "sample_t": [[25, 7, 0, 25, 24, 7, 5, 29, 29, 19, 15, 24, 7, 7, 15]],
+    },
+    "modern": {
+        "greedy": [[8, 8, 8, 8, 8, 8, 22, 20, 15, 7, 6, 1, 23, 26, 1, 1, 1, 29, 13, 1],
+                   [7, 6, 1, 1, 1, 1, 1, 10, 1, 13, 15, 15, 15, 15, 10, 23, 5, 16, 4, 16],
+                   [22, 6, 1, 23, 1, 6, 1, 1, 1, 1, 1, 1, 13, 10, 15, 15, 15, 10, 5, 16]],
+        "penalty": [[8, 4, 14, 8, 8, 8, 22, 20, 6, 19, 23, 28, 23, 20, 5, 15, 11, 25, 15, 13]],
+        "shift3": [[8, 8, 8, 8, 8, 8, 14, 14, 14, 13, 20, 22, 23, 23, 23, 5, 5, 5, 15, 15]],
+        "beam": [14, 27],
+        "beam4": [[13, 1, 22, 6, 1, 13, 11, 1, 29, 1], [27, 27, 30, 8, 3, 14, 8, 8, 8, 8]],
+        "sample": [[15, 6, 23, 6, 5, 13, 13, 7, 26, 6, 1, 13, 16, 13, 15],
+                   [16, 16, 16, 16, 30, 22, 1, 19, 22, 4, 13, 19, 11, 7, 22]],
+        "sample_t": [[15, 1, 4, 8, 13, 7, 5, 0, 29, 10, 15, 13, 5, 20, 15]],
+    },
+}
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("kind", ["gpt2", "modern"])
+def test_outputs_unchanged_by_the_redesign(kind, use_cache):
+    variant = MODERN if kind == "modern" else {}
+    model = tiny_model(0, vocab_size=31, n_embd=32, n_head=4, **variant)
+    eos = 24 if kind == "gpt2" else 27
+    got = {
+        "greedy": generate(model, [[1, 2, 3], [4], list(range(5, 15))], 20, temperature=0,
+                           use_cache=use_cache),
+        "penalty": generate(model, [1, 2, 3], 20, temperature=0, repetition_penalty=1.5,
+                            use_cache=use_cache),
+        "shift3": generate(model, [1, 2, 3], 20, temperature=0, window_shift=3,
+                           use_cache=use_cache),
+        "beam": beam_search(model, [1, 2, 3], 12, num_beams=3, length_penalty=0.6, eos_id=eos,
+                            use_cache=use_cache)[0],
+        "beam4": generate(model, [[1, 2], [3, 4, 5]], 10, num_beams=4, use_cache=use_cache),
+        "sample": generate(model, [[1, 2], [3, 4, 5]], 15, seed=3, top_k=5, top_p=0.9,
+                           use_cache=use_cache),
+        "sample_t": generate(model, [1, 2], 15, seed=3, temperature=0.7, repetition_penalty=1.3,
+                             use_cache=use_cache),
+    }
+    assert got == BEFORE[kind]
