@@ -113,11 +113,12 @@ def dropout_layer(p: float) -> nn.Module:
 class KVCache:
     """Preallocated per-layer key/value buffers for incremental decoding; it owns its tensors.
 
-    The protocol of a forward pass of ``GPT`` with ``kv_cache=cache`` over T new tokens:
-    ``check_append(B, T)``; per layer, ``mask(T)`` (how the new queries see the cache) and
-    ``update(layer, k, v)`` (store the new keys/values at slots ``length .. length + T - 1``,
-    get all of them back); then ``advance(T)``. Decoders ``reset()`` it when the context
-    window slides (positions restart at 0) and ``reorder(rows)`` it between beam-search steps.
+    A forward pass of ``GPT`` with ``kv_cache=cache`` over T new tokens calls
+    ``check_append(B, T)``; in every layer ``update(layer, k, v)`` stores the new keys and
+    values at slots ``length .. length + T - 1`` and returns all cached ones, which the new
+    queries attend to as ``mask(T)`` says; then ``advance(T)`` counts the T slots as used.
+    Decoders ``reset()`` the cache when the context window slides (positions restart at 0)
+    and ``reorder(rows)`` it between beam-search steps; nothing else touches its tensors.
     """
 
     def __init__(
