@@ -125,7 +125,21 @@ def test_bad_arguments_raise(trained):
         decode_speed(trained, batch_size=0)
 
 
-def test_decode_speed_reports_throughput_and_latency(trained):
-    r = decode_speed(trained, batch_size=2, new_tokens=4, prompt_len=2, repeats=1)
-    assert r["batch_size"] == 2 and r["tokens_per_s"] > 0 and r["ms_per_token"] > 0
-    assert r["tokens_per_s"] == pytest.approx(2 * 4 / (r["ms_per_token"] * 4 / 1000))
+def test_decode_speed_times_cached_decoding_and_keeps_the_best_run(trained):
+    """Each repeat decodes new_tokens steps of one token through the KV cache; the result
+    is the fastest repeat, as tokens/s over all rows and ms per step."""
+    inputs = []
+    hook = trained.register_forward_hook(lambda m, args, kw, out: inputs.append(
+        (tuple(args[0].shape), kw.get("kv_cache") is not None)), with_kwargs=True)
+    durations = iter([0.5, 0.2, 0.4])  # seconds taken by the three repeats
+    ticks = iter(t for d in durations for t in (0.0, d))
+    try:
+        r = decode_speed(trained, batch_size=2, new_tokens=4, prompt_len=3, repeats=3,
+                         clock=lambda: next(ticks))
+    finally:
+        hook.remove()
+    assert r == {"batch_size": 2, "tokens_per_s": pytest.approx(2 * 4 / 0.2),
+                 "ms_per_token": pytest.approx(1000 * 0.2 / 4)}
+    warm_up, repeats = inputs[:2], inputs[2:]
+    assert warm_up == [((2, 3), True), ((2, 1), True)]
+    assert repeats == 3 * ([((2, 3), True)] + 3 * [((2, 1), True)])

@@ -10,13 +10,14 @@ schedule, clipping), ``train``/``checkpoint`` (trainer, checkpoints, shipped mod
 (``python -m minigpt train | sample | eval | finetune``).
 """
 
-from minigpt.generate import generate, stream
+from minigpt.generate import DecodeOptions, generate, stream
 from minigpt.model import GPT, GPTConfig, KVCache, gpt2_config
 from minigpt.tokenizer import CharTokenizer, Tokenizer
 
 __all__ = [
     "GPT",
     "CharTokenizer",
+    "DecodeOptions",
     "GPTConfig",
     "KVCache",
     "Tokenizer",

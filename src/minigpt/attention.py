@@ -111,11 +111,14 @@ def dropout_layer(p: float) -> nn.Module:
 
 
 class KVCache:
-    """Preallocated per-layer key/value buffers for incremental decoding.
+    """Preallocated per-layer key/value buffers for incremental decoding; it owns its tensors.
 
-    A forward pass of ``GPT`` with ``kv_cache=cache`` writes the keys and values of its T new
-    tokens at slots ``cache.length .. cache.length + T - 1`` of every layer, attends causally to
-    everything cached so far, and then advances ``cache.length`` by T.
+    A forward pass of ``GPT`` with ``kv_cache=cache`` over T new tokens calls
+    ``check_append(B, T)``; in every layer ``update(layer, k, v)`` stores the new keys and
+    values at slots ``length .. length + T - 1`` and returns all cached ones, which the new
+    queries attend to as ``mask(T)`` says; then ``advance(T)`` counts the T slots as used.
+    Decoders ``reset()`` the cache when the context window slides (positions restart at 0)
+    and ``reorder(rows)`` it between beam-search steps; nothing else touches its tensors.
     """
 
     def __init__(
@@ -135,7 +138,7 @@ class KVCache:
         dtype = dtype or torch.get_default_dtype()
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
+        self.length = 0  # slots in use
 
     def reset(self) -> None:
         """Forget all cached tokens (the buffers are reused)."""
@@ -155,12 +158,36 @@ class KVCache:
                 "(sliding window), or build a larger cache"
             )
 
+    def mask(self, n_new: int, device: torch.device | str | None = None
+             ) -> tuple[Tensor | None, bool]:
+        """``(attn_mask, is_causal)`` for SDPA over the cache plus ``n_new`` new queries.
+
+        Empty cache: plain causal attention. One new query sees every slot (no mask).
+        Otherwise query i sits at slot ``length + i`` and sees slots 0 .. length + i.
+        """
+        if self.length == 0:
+            return None, True
+        if n_new == 1:
+            return None, False
+        ones = torch.ones(n_new, self.length + n_new, dtype=torch.bool, device=device)
+        return ones.tril(self.length), False
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new keys/values (B, H_kv, T, D) of ``layer``; return all cached ones so far."""
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n_new: int) -> None:
+        """Mark the ``n_new`` slots written by ``update`` as used (after the last layer)."""
+        self.length += n_new
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row i of every layer continues row ``rows[i]`` (beam search keeps the best beams)."""
+        n = self.length
+        self.k[:, :, :, :n] = self.k[:, rows, :, :n]
+        self.v[:, :, :, :n] = self.v[:, rows, :, :n]
 
 
 class CausalSelfAttention(nn.Module):

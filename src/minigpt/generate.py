@@ -1,27 +1,33 @@
 """Decoding: turning a language model's next-token distributions into text (chapter 6).
 
-At every step a GPT gives logits over the whole vocabulary for the next token; decoding picks
-one and feeds it back. Greedy decoding (temperature 0) takes the arg-max; sampling draws from
-the softmax at a temperature, optionally restricted to the k most likely tokens (top-k, Fan et
-al. 2018) or to the smallest set holding probability p (top-p / nucleus, Holtzman et al. 2020),
-after a CTRL repetition penalty (Keskar et al. 2019). Beam search keeps the ``num_beams`` most
-likely partial sequences and ranks finished ones with the GNMT length penalty (Wu et al. 2016).
+At every step a GPT gives logits over the vocabulary for the next token; decoding picks
+one, appends it and runs the model again. Design choices:
 
-Incremental decoding feeds only the new token and reuses the keys and values of the past ones
-(``model.KVCache``). The model sees at most ``block_size`` tokens; once the sequence outgrows
-that, the window jumps forward, positions restart at 0 and the cache is refilled with the
-window, so cached and uncached decoding see exactly the same tokens (``window_shift``).
-
-Entry points: ``generate`` (prompts in, new tokens per prompt out) and ``stream`` (one prompt,
-tokens yielded as they are produced).
+- One options object, ``DecodeOptions``: each default and each rule is written once, in
+  its field, and checked when the options are built. ``generate``, ``beam_search`` and
+  ``stream`` take it, or keyword overrides of it (``generate(m, ids, 50, top_p=0.9)``).
+- Sampling is a list of logits processors, ``PROCESSORS``: small functions
+  ``f(logits, opts, seen) -> logits`` applied in order, each a no-op when its option is
+  off. A new strategy is one function, one field and one entry (min-p was added so).
+- ``temperature=0`` is greedy (the arg-max of the processed logits). Beam search is
+  deterministic, so the sampling options are refused with ``num_beams > 1``.
+- ``SlidingWindow`` is the model's view of the rows: at most ``block_size`` tokens,
+  through a ``KVCache`` that owns its tensors. Past the context the window jumps forward
+  and the cache is refilled, as the uncached crop loop sees it. Memory is bounded by the
+  context whatever ``max_new_tokens`` is: only the returned tokens grow with it, and the
+  repetition penalty keeps a (rows, vocab) mask of seen tokens, not the history.
+- Bad input raises a ``DecodingError`` (a ``ValueError``) at the entry points, saying
+  what to do; NaN or infinite logits raise ``NonFiniteLogitsError`` instead of decoding
+  garbage. ``eval_mode`` puts the model in eval mode for one call and restores it.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -29,501 +35,476 @@ from torch import Tensor
 from minigpt.model import GPT, KVCache
 
 __all__ = [
-    "apply_repetition_penalty",
-    "beam_search",
-    "filter_logits",
-    "generate",
-    "length_penalty_gnmt",
-    "stream",
-    "top_k_filter",
-    "top_p_filter",
+    "PROCESSORS", "DecodeOptions", "DecodingError", "NonFiniteLogitsError",
+    "SlidingWindow", "apply_repetition_penalty", "apply_temperature", "beam_search",
+    "decode_steps", "eval_mode", "generate", "length_penalty_gnmt", "min_p_filter",
+    "process_logits", "stream", "top_k_filter", "top_p_filter",
 ]
 
 
-# --- logit processors: pure functions on (..., vocab_size) logits -------------------------------
+class DecodingError(ValueError):
+    """Bad decoding input (options, prompt ids): the message says what to change."""
 
 
-def top_k_filter(logits: Tensor, k: int) -> Tensor:
-    """Keep the ``k`` largest logits of each row and set the others to -inf (Fan et al. 2018).
+class NonFiniteLogitsError(DecodingError):
+    """The model produced NaN or infinite logits (its weights are broken)."""
 
-    Tokens tied with the k-th largest logit are all kept, so the result does not depend on how
-    ties happen to be ordered; ``k >= vocab_size`` keeps everything.
+
+# --- options: each default and each rule once ---------------------------------------
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_stop_list(x: object) -> bool:
+    if not isinstance(x, Sequence):
+        return False
+    seqs = [s.tolist() if hasattr(s, "tolist") else s for s in x]  # numpy / torch rows
+    return all(isinstance(s, Sequence) and s and all(map(_is_int, s)) for s in seqs)
+
+
+def _option(default, must_be: str, ok: Callable[[object], bool], sampling=False):
+    """A dataclass field: its default, its rule ``ok`` and the rule in words."""
+    return field(default=default,
+                 metadata={"must_be": must_be, "ok": ok, "sampling": sampling})
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode. Each field holds its default and its rule, checked when built.
+
+    ``stop_ids``: token sequences that end a row (kept in its output). ``window_shift``:
+    how the window slides past the context (see ``SlidingWindow``).
     """
-    if not _is_int(k) or k < 1:
-        raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k), got {k!r}")
-    if k >= logits.size(-1):
+
+    temperature: float = _option(1.0, "a finite number >= 0 (0 = greedy)",
+                                 lambda t: _is_real(t) and t >= 0, sampling=True)
+    top_k: int | None = _option(None, "an integer >= 1 (None: no top-k)",
+                                lambda k: _is_int(k) and k >= 1, sampling=True)
+    top_p: float | None = _option(None, "a number in (0, 1] (None: no top-p)",
+                                  lambda p: _is_real(p) and 0 < p <= 1, sampling=True)
+    min_p: float | None = _option(None, "a number in (0, 1] (None: no min-p)",
+                                  lambda p: _is_real(p) and 0 < p <= 1, sampling=True)
+    repetition_penalty: float = _option(1.0, "a number in [0.01, 100] (1: none)",
+                                        lambda r: _is_real(r) and 0.01 <= r <= 100,
+                                        sampling=True)
+    seed: int | None = _option(None, "an integer (None: torch's global generator)",
+                               _is_int, sampling=True)
+    num_beams: int = _option(1, "an integer >= 1 (1: no beam search)",
+                             lambda n: _is_int(n) and n >= 1)
+    length_penalty: float = _option(1.0, "a finite number (GNMT's alpha)", _is_real)
+    eos_id: int | None = _option(None, "a token id (an integer >= 0) or None",
+                                 lambda i: _is_int(i) and i >= 0)
+    stop_ids: Sequence[Sequence[int]] = _option(
+        (), "a list of token sequences, e.g. [[13], [198, 198]]", _is_stop_list)
+    use_cache: bool = _option(True, "True or False", lambda b: isinstance(b, bool))
+    window_shift: int = _option(1, "an integer >= 1", lambda s: _is_int(s) and s >= 1)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (value is None and f.default is None or f.metadata["ok"](value)):
+                raise DecodingError(
+                    f"{f.name} must be {f.metadata['must_be']}, got {value!r}")
+        stops = tuple(tuple(int(i) for i in s) for s in self.stop_ids)
+        object.__setattr__(self, "stop_ids", stops)
+        if self.num_beams > 1 and self.sampling_options():
+            raise DecodingError(
+                f"beam search (num_beams={self.num_beams}) is a deterministic search "
+                f"for the most likely sequence; {', '.join(self.sampling_options())} "
+                "do not apply to it. Use num_beams=1 to sample, or drop these options")
+
+    def sampling_options(self) -> list[str]:
+        """Names of the sampling options that differ from their defaults."""
+        return [f.name for f in fields(self)
+                if f.metadata["sampling"] and getattr(self, f.name) != f.default]
+
+    def ends(self, seq: list[int]) -> bool:
+        """Whether ``seq`` ends with ``eos_id`` or with one of the stop sequences."""
+        if self.eos_id is not None and seq[-1:] == [self.eos_id]:
+            return True
+        return any(len(seq) >= len(s) and tuple(seq[-len(s):]) == s
+                   for s in self.stop_ids)
+
+
+# --- logits processors: f(logits (B, V), opts, seen (B, V) bool or None) -> logits ---
+
+
+def apply_repetition_penalty(logits: Tensor, opts: DecodeOptions,
+                             seen: Tensor | None = None) -> Tensor:
+    """Make the tokens each row has already seen less likely (CTRL, Keskar et al. 2019).
+
+    CTRL divides a seen token's logit by the penalty (1.2 in the paper). Divided, a
+    negative logit would *grow*, so negative logits are multiplied instead (as Hugging
+    Face does). ``seen`` (B, V) marks the tokens of the prompt and the output so far.
+    """
+    theta = opts.repetition_penalty
+    if theta == 1.0 or seen is None:
+        return logits
+    penalised = torch.where(logits > 0, logits / theta, logits * theta)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_temperature(logits: Tensor, opts: DecodeOptions,
+                      seen: Tensor | None = None) -> Tensor:
+    """Divide by the temperature: below 1 sharpens the distribution, above 1 flattens.
+
+    The row's maximum is subtracted first (the softmax is the same), so even a tiny
+    temperature cannot overflow. Temperature 0 (greedy) is left to the arg-max.
+    """
+    t = opts.temperature
+    if t in (0.0, 1.0):
+        return logits
+    return (logits - logits.amax(dim=-1, keepdim=True)) / t
+
+
+def top_k_filter(logits: Tensor, opts: DecodeOptions,
+                 seen: Tensor | None = None) -> Tensor:
+    """Keep the ``top_k`` largest logits of each row, set the others to -inf.
+
+    Top-k sampling (Fan et al. 2018). Tokens tied with the k-th largest are all kept, so
+    the order of ties does not matter; ``top_k >= vocab_size`` keeps everything.
+    """
+    k = opts.top_k
+    if k is None or k >= logits.size(-1):
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Keep the smallest set of most likely tokens whose probability sums to at least ``p``.
+def top_p_filter(logits: Tensor, opts: DecodeOptions,
+                 seen: Tensor | None = None) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p``.
 
-    This is nucleus sampling (Holtzman et al. 2020). A token is kept when the tokens strictly more
-    likely than it hold less than ``p`` of the probability: the most likely token always
-    survives, tied tokens are kept or dropped together, and ``p = 1`` keeps everything.
+    Nucleus sampling (Holtzman et al. 2020). A token is kept when the tokens strictly
+    more likely than it hold less than p: the most likely token always survives, ties
+    are kept or dropped together, and p = 1 keeps everything.
     """
-    if not (_is_number(p) and 0.0 < p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] (or None for no top-p), got {p!r}")
-    if p == 1.0:
+    p = opts.top_p
+    if p is None or p == 1.0:
         return logits
     sorted_logits = torch.sort(logits, dim=-1, descending=True).values
     probs = torch.softmax(sorted_logits.float(), dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1)[..., :-1]  # exclusive prefix sums, exact zero first
+    mass_before = torch.cumsum(probs, dim=-1)[..., :-1]  # exclusive prefix sums
     mass_before = torch.cat([torch.zeros_like(probs[..., :1]), mass_before], dim=-1)
-    n_keep = (mass_before < p).sum(dim=-1, keepdim=True)  # >= 1: the first entry is 0 < p
+    n_keep = (mass_before < p).sum(dim=-1, keepdim=True)  # >= 1: the first is 0 < p
     threshold = sorted_logits.gather(-1, n_keep - 1)
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def apply_repetition_penalty(logits: Tensor, context: Tensor, penalty: float) -> Tensor:
-    """Make tokens that occur in ``context`` less likely (CTRL, Keskar et al. 2019).
+def min_p_filter(logits: Tensor, opts: DecodeOptions,
+                 seen: Tensor | None = None) -> Tensor:
+    """Keep the tokens at least ``min_p`` times as likely as the most likely one.
 
-    ``logits`` (B, V), ``context`` (B, T) token ids. CTRL divides the logit of every seen token
-    by ``penalty`` (1.2 in the paper); a negative logit divided by it would *grow*, so negative
-    logits are multiplied instead (as Hugging Face does). ``penalty = 1`` changes nothing; a
-    penalty below 1 favours repetition.
+    Min-p sampling (Nguyen et al. 2024). In log space p_i >= m p_max reads
+    z_i >= z_max + log m, so no softmax is needed. The cut adapts to how sure the model
+    is, and looks only at the top token, not at the length of the tail.
     """
-    if not (_is_number(penalty) and math.isfinite(penalty) and penalty > 0):
-        raise ValueError(f"repetition_penalty must be a finite number > 0, got {penalty!r}")
-    if penalty == 1.0 or context.size(-1) == 0:
+    if opts.min_p is None:
         return logits
-    seen = logits.gather(-1, context)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(-1, context, seen)
+    threshold = logits.amax(dim=-1, keepdim=True) + math.log(opts.min_p)
+    return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def filter_logits(
-    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
-) -> Tensor:
-    """Logits of the sampling distribution: divide by ``temperature`` (> 0), then top-k, top-p.
+Processor = Callable[[Tensor, DecodeOptions, Tensor | None], Tensor]
+PROCESSORS: tuple[Processor, ...] = (
+    apply_repetition_penalty, apply_temperature, top_k_filter, top_p_filter,
+    min_p_filter,
+)
 
-    ``softmax(filter_logits(...))`` is the distribution ``generate`` samples the next token from.
+
+def process_logits(logits: Tensor, opts: DecodeOptions, seen: Tensor | None = None
+                   ) -> Tensor:
+    """The logits the next token is chosen from: every one of ``PROCESSORS``, in order.
+
+    The arg-max of the result is the greedy choice; its softmax is the distribution a
+    sampled token is drawn from.
     """
-    if not temperature > 0:
-        raise ValueError(f"filter_logits needs temperature > 0 (0 is greedy), got {temperature}")
-    logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
+    logits = logits.float()
+    for processor in PROCESSORS:
+        logits = processor(logits, opts, seen)
     return logits
 
 
 def length_penalty_gnmt(length: int, alpha: float) -> float:
-    """GNMT's length normaliser lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al. 2016, eq. 14).
+    """GNMT's length normaliser lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al. 2016).
 
-    Beam search ranks hypotheses by log P(Y) / lp(Y); alpha = 0 compares raw log-probabilities
-    (favouring short outputs), larger alpha favours longer ones.
+    Beam search ranks hypotheses by log P(Y) / lp(Y); alpha = 0 compares raw
+    log-probabilities (favouring short outputs), larger alpha favours longer ones.
     """
     return ((5.0 + length) / 6.0) ** alpha
 
 
-# --- options and input checks -------------------------------------------------------------------
+# --- the model's view of the rows: a sliding window through a KV cache ----------------
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-@dataclass(frozen=True)
-class _Options:
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    eos_id: int | None = None
-    stop_ids: tuple[tuple[int, ...], ...] = ()
-    seed: int | None = None
-    use_cache: bool = True
-    window_shift: int = 1
-
-
-def _options(model: GPT, max_new_tokens: int, **kw) -> _Options:
-    """Check every decoding option and return them; bad values raise a ValueError that says why."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    t = kw["temperature"]
-    if not _is_number(t) or not math.isfinite(t) or t < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-    if kw["top_k"] is not None:
-        top_k_filter(torch.zeros(1), kw["top_k"])  # validates
-    if kw["top_p"] is not None:
-        top_p_filter(torch.zeros(1), kw["top_p"])
-    apply_repetition_penalty(torch.zeros(1, 1), torch.zeros(1, 0, dtype=torch.long),
-                             kw["repetition_penalty"])
-    nb = kw["num_beams"]
-    if not _is_int(nb) or nb < 1:
-        raise ValueError(f"num_beams must be an integer >= 1 (1 = no beam search), got {nb!r}")
-    lp = kw["length_penalty"]
-    if not _is_number(lp) or not math.isfinite(lp):
-        raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
-    if nb > 1:
-        sampling = {
-            "temperature": t != 1.0, "top_k": kw["top_k"] is not None,
-            "top_p": kw["top_p"] is not None, "seed": kw["seed"] is not None,
-            "repetition_penalty": kw["repetition_penalty"] != 1.0,
-        }
-        bad = [name for name, used in sampling.items() if used]
-        if bad:
-            raise ValueError(
-                f"beam search (num_beams={nb}) is a deterministic search for the most likely "
-                f"sequence; {', '.join(bad)} do not apply to it. Use num_beams=1 to sample, or "
-                "drop these options"
-            )
-    V = model.config.vocab_size
-    eos = kw["eos_id"]
-    if eos is not None and not (_is_int(eos) and 0 <= eos < V):
-        raise ValueError(f"eos_id must be a token id in [0, {V - 1}] or None, got {eos!r}")
-    stops = kw["stop_ids"] or ()
-    if stops and _is_int(stops[0]):
-        raise ValueError(
-            "stop_ids is a list of token sequences, e.g. [[13], [198, 198]]; "
-            "for a single stop token pass [[id]] (or use eos_id)"
-        )
-    stops = tuple(tuple(_check_ids(s, V, "stop sequence")) for s in stops)
-    shift = kw["window_shift"]
-    bs = model.config.block_size
-    if not _is_int(shift) or not 1 <= shift <= bs:
-        raise ValueError(f"window_shift must be an integer in [1, block_size={bs}], got {shift!r}")
-    return _Options(**{**kw, "stop_ids": stops, "temperature": float(t),
-                       "eos_id": None if eos is None else int(eos)})
-
-
-def _check_ids(ids: Sequence[int], vocab_size: int, what: str) -> list[int]:
-    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-    ids = [i.tolist() if hasattr(i, "tolist") else i for i in ids]  # numpy / torch scalars
-    if not ids:
-        raise ValueError(f"empty {what}: give at least one token id (e.g. a newline or BOS token)")
-    for i in ids:
-        if not _is_int(i):
-            raise ValueError(f"{what} must hold integer token ids, got {i!r}")
-    ids = [int(i) for i in ids]
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise ValueError(
-            f"{what} has token ids outside the model's vocabulary [0, {vocab_size - 1}]: "
-            f"{bad[:5]}; encode it with the tokenizer the model was trained with"
-        )
-    return ids
-
-
-def _prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
-    """One prompt (ids) or several (list of lists, (B, T) tensor or array) -> a list of prompts."""
-    if hasattr(prompt_ids, "tolist"):  # torch tensor or numpy array
-        if prompt_ids.ndim not in (1, 2):
-            raise ValueError(f"prompt arrays are (T,) or (B, T), got {tuple(prompt_ids.shape)}")
-        prompt_ids = prompt_ids.tolist()
-    prompt_ids = list(prompt_ids)
-    if not prompt_ids:
-        raise ValueError("empty prompt: give at least one token id (e.g. a newline or BOS token)")
-    if not isinstance(prompt_ids[0], Sequence) and not hasattr(prompt_ids[0], "tolist"):
-        prompt_ids = [prompt_ids]
-    elif hasattr(prompt_ids[0], "ndim") and prompt_ids[0].ndim == 0:  # a list of scalar tensors
-        prompt_ids = [prompt_ids]
-    return [_check_ids(p, vocab_size, f"prompt {b}") for b, p in enumerate(prompt_ids)]
-
-
-# --- the model's view of the sequence: token buffer, sliding window and KV cache ----------------
-
-
-class _Context:
-    """Every token so far, and the window of them the model sees (through a KV cache or not).
-
-    The model sees at most ``block_size`` tokens. When the sequence would outgrow that, the
-    window jumps so it holds the last ``block_size - window_shift + 1`` tokens, with positions
-    restarting at 0; the cache is reset and refilled with the window. ``window_shift=1`` is the
-    usual "crop to the last block_size tokens" at every step (exact, but each step past the
-    context re-runs the whole window); larger shifts refill only every ``window_shift`` steps.
-    """
-
-    def __init__(self, model: GPT, prompts: Tensor, max_new: int, opts: _Options) -> None:
-        B, P = prompts.shape
-        self.model, self.block, self.shift = model, model.config.block_size, opts.window_shift
-        self.tokens = torch.empty(B, P + max_new, dtype=torch.long, device=prompts.device)
-        self.tokens[:, :P] = prompts
-        self.length, self.start, self.fed = P, 0, 0
-        self.cache = None
-        if opts.use_cache:
-            p = next(model.parameters())
-            max_len = min(self.block, P + max_new)
-            self.cache = KVCache(model.config, B, max_len, device=p.device, dtype=p.dtype)
-
-    def next_logits(self) -> Tensor:
-        """Logits (B, V) for the token after the current sequence."""
-        end = self.length
-        if end - self.start > self.block:
-            self.start = end - self.block + self.shift - 1
-            if self.cache is not None:
-                self.cache.reset()
-                self.fed = self.start
-        if self.cache is None:
-            logits, _ = self.model(self.tokens[:, self.start : end], last_only=True)
-        else:
-            logits, _ = self.model(self.tokens[:, self.fed : end], kv_cache=self.cache,
-                                   last_only=True)
-            self.fed = end
-        return logits[:, -1]
-
-    def append(self, next_ids: Tensor) -> None:
-        self.tokens[:, self.length] = next_ids
-        self.length += 1
-
-    def reorder(self, rows: Tensor) -> None:
-        """Keep sequence ``rows[i]`` in row i (beam search), cache included."""
-        self.tokens = self.tokens[rows]
-        if self.cache is not None:
-            n = self.cache.length
-            self.cache.k[:, :, :, :n] = self.cache.k[:, rows, :, :n]
-            self.cache.v[:, :, :, :n] = self.cache.v[:, rows, :, :n]
-
-
-def _ends_with_stop(seq: list[int], opts: _Options) -> bool:
-    if opts.eos_id is not None and seq and seq[-1] == opts.eos_id:
-        return True
-    return any(len(seq) >= len(s) and tuple(seq[-len(s):]) == s for s in opts.stop_ids)
-
-
-# --- sampling (and greedy) ----------------------------------------------------------------------
-
-
-def _next_tokens(logits: Tensor, ctx: _Context, opts: _Options, gen: torch.Generator | None):
-    """Choose the next token of every row: penalty, then greedy or temperature/top-k/top-p."""
-    if opts.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, ctx.tokens[:, : ctx.length],
-                                          opts.repetition_penalty)
-    if opts.temperature == 0.0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(filter_logits(logits.float(), opts.temperature, opts.top_k, opts.top_p),
-                          dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-
-
-def _sample(
-    model: GPT, prompts: list[list[int]], max_new: int, opts: _Options, gen
-) -> Iterator[list[int | None]]:
-    """Decode equal-length prompts together; yield each step's tokens (None for finished rows)."""
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        ctx = _Context(model, torch.tensor(prompts, device=device), max_new, opts)
-    outs: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(max_new):
-        with torch.inference_mode():
-            nxt = _next_tokens(ctx.next_logits(), ctx, opts, gen)
-            ctx.append(nxt)
-        step: list[int | None] = []
-        for b, tok in enumerate(nxt.tolist()):
-            if done[b]:
-                step.append(None)
-                continue
-            outs[b].append(tok)
-            step.append(tok)
-            done[b] = _ends_with_stop(outs[b], opts)
-        yield step
-        if all(done):
-            return
-
-
-# --- beam search --------------------------------------------------------------------------------
-
-
-def beam_search(
-    model: GPT,
-    prompt_ids: Sequence[int],
-    max_new_tokens: int,
-    *,
-    num_beams: int = 4,
-    length_penalty: float = 1.0,
-    eos_id: int | None = None,
-    stop_ids: Sequence[Sequence[int]] | None = None,
-    use_cache: bool = True,
-    window_shift: int = 1,
-) -> tuple[list[int], float]:
-    """The best continuation of one prompt found by beam search, and its log-probability.
-
-    Each step extends every live beam by every token, and keeps the ``2 * num_beams`` best
-    candidates by total log-probability: candidates that end (EOS or a stop sequence) among the
-    top ``num_beams`` become finished hypotheses, the others fill the ``num_beams`` live beams.
-    The search stops early once ``num_beams`` hypotheses have finished (Hugging Face's
-    ``early_stopping=True``) or after ``max_new_tokens`` steps, when the live beams join the
-    finished ones. The winner maximises log P / lp(length), with ``length_penalty_gnmt`` as lp
-    and length counting the generated tokens (an ending EOS included).
-    """
-    opts = _options(
-        model, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-        num_beams=num_beams, length_penalty=length_penalty, eos_id=eos_id, stop_ids=stop_ids,
-        seed=None, use_cache=use_cache, window_shift=window_shift,
-    )
-    prompts = _prompts(prompt_ids, model.config.vocab_size)
-    if len(prompts) != 1:
-        raise ValueError(f"beam_search takes one prompt, got {len(prompts)}; use generate")
+@contextmanager
+def eval_mode(model: GPT) -> Iterator[GPT]:
+    """Put ``model`` in eval mode (no dropout) for a ``with`` block, then restore it."""
     was_training = model.training
     model.eval()
     try:
-        return _beam(model, prompts[0], max_new_tokens, opts)
+        yield model
     finally:
         model.train(was_training)
 
 
-def _beam(model: GPT, prompt: list[int], max_new_tokens: int, opts: _Options):
-    nb, device = opts.num_beams, next(model.parameters()).device
-    with torch.inference_mode():
-        ctx = _Context(model, torch.tensor([prompt] * nb, device=device), max_new_tokens, opts)
-        scores = torch.full((nb,), float("-inf"), device=device)
-        scores[0] = 0.0  # all rows hold the prompt; only one may be extended at the first step
-        beams: list[list[int]] = [[] for _ in range(nb)]
-        finished: list[tuple[float, float, list[int]]] = []  # (normalised, log P, tokens)
+class SlidingWindow:
+    """The tokens each row shows the model, at most ``block_size``, through a KV cache.
+
+    When the rows would outgrow the context, the window jumps to their last
+    ``block_size - window_shift + 1`` tokens, positions restart at 0 and the cache is
+    refilled with the window. ``window_shift=1`` is the usual "crop to the last
+    block_size tokens" at every step; larger shifts refill only every ``window_shift``
+    steps. ``seen`` (B, V) marks every token a row has held.
+    """
+
+    def __init__(self, model: GPT, prompts: Tensor, opts: DecodeOptions, max_new: int
+                 ) -> None:
+        B, P = prompts.shape
+        cfg, w = model.config, next(model.parameters())
+        self.model, self.block, self.shift = model, cfg.block_size, opts.window_shift
+        self.tokens, self.fed = prompts, 0  # fed: tokens of the window already cached
+        self.seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=w.device)
+        self.seen.scatter_(1, prompts, True)
+        self.cache = None
+        if opts.use_cache:  # never longer than the context, whatever max_new is
+            max_len = min(self.block, P + max_new)
+            self.cache = KVCache(cfg, B, max_len, device=w.device, dtype=w.dtype)
+
+    @torch.no_grad()
+    def next_logits(self) -> Tensor:
+        """Logits (B, V) for the token after each row."""
+        if self.tokens.size(1) > self.block:  # slide: keep the last block - shift + 1
+            self.tokens = self.tokens[:, self.shift - self.block - 1 :]
+            self.fed = 0
+            if self.cache is not None:
+                self.cache.reset()
+        if self.cache is None:
+            logits, _ = self.model(self.tokens, last_only=True)
+        else:
+            new = self.tokens[:, self.fed :]
+            logits, _ = self.model(new, kv_cache=self.cache, last_only=True)
+            self.fed = self.tokens.size(1)
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLogitsError(
+                "the model's logits are NaN or infinite, so no token can be chosen; "
+                "its weights are probably corrupt (check them with torch.isfinite)")
+        return logits[:, -1]
+
+    def append(self, ids: Tensor) -> None:
+        """Add one token (B,) to every row."""
+        self.tokens = torch.cat([self.tokens, ids[:, None]], dim=1)
+        self.seen.scatter_(1, ids[:, None], True)
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row i continues row ``rows[i]`` (beam search): tokens, seen mask, cache."""
+        self.tokens, self.seen = self.tokens[rows], self.seen[rows]
+        if self.cache is not None:
+            self.cache.reorder(rows)
+
+
+# --- decoding loops -------------------------------------------------------------------
+
+
+def decode_steps(model: GPT, prompts: Tensor, max_new_tokens: int, opts: DecodeOptions,
+                 generator: torch.Generator | None = None
+                 ) -> Iterator[list[int | None]]:
+    """Decode equal-length prompts (B, T) together; yield each step's new tokens.
+
+    Each step processes the next-token logits (``process_logits``), then takes their
+    arg-max (greedy) or draws from their softmax. A row ends after EOS or a stop
+    sequence (None from then on); the loop ends when every row has. ``generate`` and
+    ``stream`` check the inputs.
+    """
+    window = SlidingWindow(model, prompts, opts, max_new_tokens)
+    tail = max(map(len, opts.stop_ids), default=1)  # enough to see EOS or a stop
+    recent: list[list[int]] = [[] for _ in range(prompts.size(0))]
+    live = [True] * len(recent)
+    for _ in range(max_new_tokens):
+        logits = process_logits(window.next_logits(), opts, window.seen)
+        if opts.temperature == 0.0:
+            next_ids = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        window.append(next_ids)
+        ids = next_ids.tolist()
+        step = [t if on else None for t, on in zip(ids, live, strict=True)]
+        for b, t in enumerate(step):
+            if t is not None:
+                recent[b] = (recent[b] + [t])[-tail:]
+                live[b] = not opts.ends(recent[b])
+        yield step
+        if not any(live):
+            return
+
+
+def beam_search(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int,
+                options: DecodeOptions | None = None, **overrides
+                ) -> tuple[list[int], float]:
+    """The best continuation of one prompt found by beam search, and its log P.
+
+    Each step extends every live beam by every token and keeps the ``2 * num_beams``
+    best candidates by total log P: those that end (EOS or a stop sequence) among the
+    top ``num_beams`` are finished hypotheses, the others refill the beams. The search
+    stops once ``num_beams`` hypotheses have finished (Hugging Face's
+    ``early_stopping=True``) or after ``max_new_tokens`` steps. The winner maximises
+    log P / ``length_penalty_gnmt(length, length_penalty)``.
+    """
+    opts, (prompt,) = _checked(model, prompt_ids, max_new_tokens, options, overrides)
+    k, V, device = opts.num_beams, model.config.vocab_size, model.lm_head.weight.device
+    finished: list[tuple[float, float, list[int]]] = []  # (rank by, log P, tokens)
+
+    def finish(log_p: float, seq: list[int]) -> None:
+        lp = length_penalty_gnmt(len(seq), opts.length_penalty)
+        finished.append((log_p / lp, log_p, seq))
+
+    with eval_mode(model):
+        window = SlidingWindow(model, torch.tensor([prompt] * k, device=device), opts,
+                               max_new_tokens)
+        scores = torch.full((k,), float("-inf"), device=device)
+        scores[0] = 0.0  # the k rows hold the same prompt: extend one at the first step
+        beams: list[list[int]] = [[] for _ in range(k)]
         for _ in range(max_new_tokens):
-            logp = torch.log_softmax(ctx.next_logits().float(), dim=-1)
-            V = logp.size(-1)
-            cand = (scores[:, None] + logp).view(-1)
-            top, idx = torch.topk(cand, min(2 * nb, cand.numel()))
+            log_p = torch.log_softmax(window.next_logits().float(), dim=-1)
+            total = (scores[:, None] + log_p).flatten()
+            top, idx = torch.topk(total, min(2 * k, k * V))
             rows, new_scores, new_beams = [], [], []
             for rank, (s, i) in enumerate(zip(top.tolist(), idx.tolist(), strict=True)):
                 seq = beams[i // V] + [i % V]
-                if _ends_with_stop(seq, opts):
-                    if rank < nb and s > float("-inf"):
-                        lp = length_penalty_gnmt(len(seq), opts.length_penalty)
-                        finished.append((s / lp, s, seq))
-                    continue
-                rows.append(i // V)
-                new_scores.append(s)
-                new_beams.append(seq)
-                if len(rows) == nb:
-                    break
-            if len(finished) >= nb or not rows:
+                if opts.ends(seq):
+                    if rank < k and s > float("-inf"):
+                        finish(s, seq)
+                elif len(rows) < k:
+                    rows.append(i // V)
+                    new_scores.append(s)
+                    new_beams.append(seq)
+            if len(finished) >= k or not rows:
                 break
-            while len(rows) < nb:  # every candidate ended: pad with dead beams
+            while len(rows) < k:  # too few live candidates: pad with dead beams
                 rows.append(rows[0])
                 new_scores.append(float("-inf"))
                 new_beams.append(new_beams[0])
-            row_idx = torch.tensor(rows, device=device)
-            ctx.reorder(row_idx)
-            ctx.append(torch.tensor([b[-1] for b in new_beams], device=device))
-            scores = torch.tensor(new_scores, device=device)
-            beams = new_beams
-        else:
+            window.reorder(torch.tensor(rows, device=device))
+            window.append(torch.tensor([seq[-1] for seq in new_beams], device=device))
+            scores, beams = torch.tensor(new_scores, device=device), new_beams
+        else:  # max_new_tokens steps: the live beams are hypotheses too
             for s, seq in zip(scores.tolist(), beams, strict=True):
                 if s > float("-inf"):
-                    finished.append((s / length_penalty_gnmt(len(seq), opts.length_penalty),
-                                     s, seq))
-    if not finished:  # max_new_tokens == 0
-        return [], 0.0
-    best = max(finished, key=lambda f: f[0])
+                    finish(s, seq)
+    best = max(finished, key=lambda f: f[0], default=(0.0, 0.0, []))
     return best[2], best[1]
 
 
-# --- entry points -------------------------------------------------------------------------------
+# --- entry points: every argument is checked here ------------------------------------
 
 
-def generate(
-    model: GPT,
-    prompt_ids: Sequence[int] | Sequence[Sequence[int]] | Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    eos_id: int | None = None,
-    stop_ids: Sequence[Sequence[int]] | None = None,
-    seed: int | None = None,
-    use_cache: bool = True,
-    window_shift: int = 1,
-) -> list[list[int]]:
-    """Continue each prompt by up to ``max_new_tokens`` tokens; return the new tokens per prompt.
+def _token_ids(ids: object, vocab_size: int, what: str) -> list[int]:
+    """A list of ints in [0, vocab_size) from a list, array or tensor."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    ids = [i.tolist() if hasattr(i, "tolist") else i for i in ids]  # numpy/torch ints
+    if not ids:
+        raise DecodingError(f"empty {what}: give at least one token id (e.g. newline)")
+    if not all(map(_is_int, ids)):
+        raise DecodingError(f"{what} must hold integer token ids, got {ids[:5]!r}")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise DecodingError(
+            f"{what} has token ids outside the model's vocabulary [0, {vocab_size - 1}]"
+            f": {bad[:5]}; encode it with the tokenizer the model was trained with")
+    return [int(i) for i in ids]
 
-    ``prompt_ids`` is one prompt (a list of ids) or several (a list of lists, or a (B, T)
-    tensor); the result always holds one list per prompt, prompt not included. A row stops early
-    after ``eos_id`` or after any of the token sequences in ``stop_ids`` (the stop tokens are
-    included in its output).
 
-    Sampling (``num_beams=1``): repetition penalty, then temperature, top-k, top-p, then a draw
-    from the softmax; ``temperature=0`` is greedy (arg-max). ``seed`` makes the draws
-    reproducible (its own ``torch.Generator``; None uses torch's global generator).
+def _checked(model: GPT, prompt_ids: object, max_new_tokens: int,
+             options: DecodeOptions | None, overrides: dict, one: bool = True
+             ) -> tuple[DecodeOptions, list[list[int]]]:
+    """Options (``options`` with keyword overrides), the length and every token id."""
+    if options is not None and not isinstance(options, DecodeOptions):
+        raise DecodingError(
+            f"options must be a DecodeOptions, got {type(options).__name__}; "
+            "pass single options as keywords, e.g. temperature=0.8")
+    opts = replace(options or DecodeOptions(), **overrides)
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise DecodingError(
+            f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    V, block = model.config.vocab_size, model.config.block_size
+    if opts.window_shift > block:
+        raise DecodingError(f"window_shift must be at most block_size={block}, "
+                            f"got {opts.window_shift}")
+    if opts.eos_id is not None:
+        _token_ids([opts.eos_id], V, "eos_id")
+    for stop in opts.stop_ids:
+        _token_ids(stop, V, "stop sequence")
+    if getattr(prompt_ids, "ndim", 1) not in (1, 2):
+        raise DecodingError(
+            f"prompt arrays are (T,) or (B, T), got {tuple(prompt_ids.shape)}")
+    rows = list(prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids)
+    if rows and (isinstance(rows[0], Sequence) or getattr(rows[0], "ndim", 0) == 1):
+        prompts = [_token_ids(p, V, f"prompt {b}") for b, p in enumerate(rows)]
+    else:
+        prompts = [_token_ids(rows, V, "prompt")]
+    if one and len(prompts) != 1:
+        raise DecodingError(f"this decodes one prompt, got {len(prompts)}; "
+                            "use generate for a batch")
+    return opts, prompts
 
-    Beam search (``num_beams > 1``): see ``beam_search``. It is deterministic, so the sampling
-    options (temperature, top_k, top_p, seed, repetition_penalty) raise a ValueError with it.
 
-    Prompts of different lengths are decoded in groups of equal length (the model has no padding
-    mask), which gives exactly the tokens each prompt gets alone. ``use_cache`` reuses past keys
-    and values (``KVCache``); ``window_shift`` sets how the context window slides past
-    ``block_size`` (1: crop to the last block_size tokens at every step).
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device).manual_seed(seed)
+
+
+def generate(model: GPT, prompt_ids: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+             max_new_tokens: int, options: DecodeOptions | None = None, **overrides
+             ) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens; return the new tokens.
+
+    ``prompt_ids`` is one prompt (a list of ids) or several (a list of lists, or a
+    (B, T) tensor); the result holds one list per prompt. ``options`` (a
+    ``DecodeOptions``) and keyword overrides of its fields say how: sampling through
+    ``PROCESSORS`` (``temperature=0``: greedy), or ``beam_search`` (``num_beams > 1``).
+    Prompts of different lengths are decoded in groups of equal length (the model has
+    no padding mask), which gives exactly the tokens each prompt gets alone.
     """
-    opts = _options(
-        model, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, num_beams=num_beams,
-        length_penalty=length_penalty, eos_id=eos_id, stop_ids=stop_ids, seed=seed,
-        use_cache=use_cache, window_shift=window_shift,
-    )
-    prompts = _prompts(prompt_ids, model.config.vocab_size)
+    opts, prompts = _checked(model, prompt_ids, max_new_tokens, options, overrides,
+                             one=False)
+    if opts.num_beams > 1:
+        return [beam_search(model, p, max_new_tokens, opts)[0] for p in prompts]
+    device = next(model.parameters()).device
+    generator = _generator(opts.seed, device)  # one stream of draws for all groups
     out: list[list[int]] = [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        if opts.num_beams > 1:
-            for b, p in enumerate(prompts):
-                out[b] = _beam(model, p, max_new_tokens, opts)[0]
-            return out
-        gen = _generator(model, opts.seed)
-        groups: dict[int, list[int]] = {}
-        for b, p in enumerate(prompts):
-            groups.setdefault(len(p), []).append(b)
+    groups: dict[int, list[int]] = {}
+    for b, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(b)
+    with eval_mode(model):
         for rows in groups.values():
-            for step in _sample(model, [prompts[b] for b in rows], max_new_tokens, opts, gen):
-                for b, tok in zip(rows, step, strict=True):
-                    if tok is not None:
-                        out[b].append(tok)
-        return out
-    finally:
-        model.train(was_training)
+            batch = torch.tensor([prompts[b] for b in rows], device=device)
+            for step in decode_steps(model, batch, max_new_tokens, opts, generator):
+                for b, t in zip(rows, step, strict=True):
+                    if t is not None:
+                        out[b].append(t)
+    return out
 
 
-def stream(
-    model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs
-) -> Iterator[int]:
-    """Yield the new tokens of one prompt as they are produced (same options as ``generate``).
+def stream(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int,
+           options: DecodeOptions | None = None, **overrides) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are produced (as ``generate``).
 
-    With ``num_beams > 1`` the best beam is only known at the end, so its tokens come at once.
+    With ``num_beams > 1`` the best beam is only known at the end, so its tokens come at
+    once. Like any generator, it checks its arguments when the first token is asked for.
     """
-    prompts = _prompts(prompt_ids, model.config.vocab_size)
-    if len(prompts) != 1:
-        raise ValueError(f"stream decodes one prompt, got {len(prompts)}; use generate for a batch")
-    kw = dict(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, num_beams=1,
-              length_penalty=1.0, eos_id=None, stop_ids=None, seed=None, use_cache=True,
-              window_shift=1)
-    unknown = sorted(set(kwargs) - set(kw))
-    if unknown:
-        raise TypeError(f"stream() got unexpected keyword arguments {unknown}")
-    opts = _options(model, max_new_tokens, **{**kw, **kwargs})
-    return _stream(model, prompts[0], max_new_tokens, opts)
-
-
-def _stream(model: GPT, prompt: list[int], max_new_tokens: int, opts: _Options) -> Iterator[int]:
-    was_training = model.training
-    model.eval()
-    try:
-        if opts.num_beams > 1:
-            yield from _beam(model, prompt, max_new_tokens, opts)[0]
-            return
-        gen = _generator(model, opts.seed)
-        for step in _sample(model, [prompt], max_new_tokens, opts, gen):
+    opts, prompts = _checked(model, prompt_ids, max_new_tokens, options, overrides)
+    if opts.num_beams > 1:
+        yield from beam_search(model, prompts[0], max_new_tokens, opts)[0]
+        return
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        batch = torch.tensor(prompts, device=device)
+        generator = _generator(opts.seed, device)
+        for step in decode_steps(model, batch, max_new_tokens, opts, generator):
             yield step[0]
-    finally:
-        model.train(was_training)
-
-
-def _generator(model: GPT, seed: int | None) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
