@@ -152,10 +152,10 @@ _LOOKAHEAD = 3
 def apply_merges(
     ids: Sequence[int], ranks: dict[Pair, int], merged: dict[Pair, int]
 ) -> tuple[int, ...]:
-    """Merge the lowest-ranked adjacent pair of ``ids`` until no adjacent pair is a merge.
+    """Merge the lowest-ranked adjacent pair of ``ids`` until no pair is a merge.
 
-    Each round rescans the whole word: O(n²) for n symbols, fine for words, too slow for a
-    megabyte without spaces (``apply_merges_heap`` gives the same result in O(n log n)).
+    Each round rescans the whole word: O(n²) for n symbols, fine for words, too slow
+    for a megabyte without spaces (``apply_merges_heap``: same result, O(n log n)).
     """
     ids = tuple(ids)
     while len(ids) > 1:
@@ -169,12 +169,12 @@ def apply_merges(
 def apply_merges_heap(
     ids: Sequence[int], ranks: dict[Pair, int], merged: dict[Pair, int]
 ) -> tuple[int, ...]:
-    """``apply_merges`` in O(n log n): a heap of mergeable pairs over a linked list of symbols.
+    """``apply_merges`` in O(n log n): a heap of pairs over a linked list of symbols.
 
-    ``nxt[i]``/``prv[i]`` are the positions of symbol i's neighbours; a symbol merged into its
-    left neighbour gets id -1. The heap holds ``(rank, position, pair)``; all entries of the
-    lowest rank are popped together and merged left to right, exactly like ``merge_word``. An
-    entry whose symbols changed after it was pushed is stale and skipped.
+    ``nxt[i]``/``prv[i]`` are the positions of symbol i's neighbours; a symbol merged
+    into its left neighbour gets id -1. The heap holds ``(rank, position, pair)``; all
+    entries of the lowest rank are popped together and merged left to right, exactly
+    like ``merge_word``. An entry whose symbols changed since its push is skipped.
     """
     ids, n = list(ids), len(ids)
     nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
@@ -318,7 +318,7 @@ class Tokenizer:
                 self._encode_pieces(PRETOKENIZER.findall(segment), out)
 
     def encode(self, text: str) -> list[int]:
-        """The token ids of ``text``; declared special tokens in it become their own ids."""
+        """The token ids of ``text``; declared special tokens become their own ids."""
         ids: list[int] = []
         self._encode_segments(self._split(text), ids)
         return ids
@@ -340,13 +340,13 @@ class Tokenizer:
         return hold
 
     def _encode_final(self, text: str) -> tuple[list[int], str]:
-        """The ids of the part of ``text`` that no continuation can change, and the rest.
+        r"""The ids of the part of ``text`` no continuation can change, and the rest.
 
-        More text can complete a special token and can change the last pre-tokens: the last
-        one may grow ("hel" + "lo"), a trailing whitespace run gives its last character to a
-        following word (GPT-2's ``\\s+(?!\\S)``), and a contraction decides on up to three
-        characters ("'l" + "l"). The pieces before them are final *as cut in this text*, so
-        they are encoded as they are, not re-split on their own.
+        More text can complete a special token and change the last pre-tokens: the
+        last one may grow ("hel" + "lo"), a trailing whitespace run gives its last
+        character to a following word (GPT-2's ``\s+(?!\S)``), and a contraction
+        decides on up to three characters ("'l" + "l"). The pieces before them are
+        final *as cut in this text*, so they are encoded as they are, not re-split.
         """
         hold = self._special_hold(text)
         *done, last = self._split(text[:hold])
@@ -363,9 +363,9 @@ class Tokenizer:
     def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
         """Lazily encode a stream of text chunks (e.g. an open file's lines).
 
-        Gives the same ids as ``encode("".join(texts))`` for any chunking, while holding only
-        an unfinished tail of the text in memory (a few pre-tokens and a partial special
-        token).
+        Gives the same ids as ``encode("".join(texts))`` for any chunking, holding
+        only an unfinished tail of the text in memory (a few pre-tokens and a partial
+        special token).
         """
         rest = ""
         for chunk in texts:
@@ -509,12 +509,12 @@ class Tokenizer:
         """The same tokenizer as a ``tiktoken.Encoding`` (encodes corpora much faster).
 
         tiktoken has no merge list: it ranks each token by its id and repeatedly merges
-        the adjacent pair whose *concatenation* has the lowest rank. That agrees with our
-        merges only if every byte's id is below every merged token's id and merged tokens
-        get increasing ids in merge order (true for ``train_bpe`` and GPT-2): checked.
-        Vocab entries that are neither tokens nor special are left out. Like any tiktoken
-        encoding it refuses special tokens in the text unless ``encode`` is given
-        ``allowed_special="all"``.
+        the adjacent pair whose *concatenation* has the lowest rank. That agrees with
+        our merges only if every byte's id is below every merged token's id and merged
+        tokens get increasing ids in merge order (true for ``train_bpe`` and GPT-2):
+        checked. Vocab entries that are neither tokens nor special are left out. Like
+        any tiktoken encoding it refuses special tokens in the text unless ``encode``
+        is given ``allowed_special="all"``.
         """
         made = [self._encoder[a + b] for a, b in self.merges]
         parts = [(self._encoder[a], self._encoder[b]) for a, b in self.merges]
@@ -524,8 +524,9 @@ class Tokenizer:
             or any(max(p) >= m for p, m in zip(parts, made, strict=True))
         ):
             raise ValueError(
-                "tiktoken ranks tokens by id, so ids must follow the merge order (bytes "
-                "first, then one new id per merge, increasing); this vocabulary does not"
+                "tiktoken ranks tokens by id, so ids must follow the merge order "
+                "(bytes first, then one new id per merge, increasing); "
+                "this vocabulary does not"
             )
         ranks = dict(self._encoder)
         return tiktoken.Encoding(
