@@ -309,18 +309,14 @@ class Tokenizer:
         """Ordinary text at even positions, special tokens at odd positions."""
         return self._special_pattern.split(text) if self._special_pattern else [text]
 
-    def _encode_segments(self, segments: list[str], out: list[int]) -> None:
-        """Append the ids of ``segments`` (ordinary text at even, specials at odd positions)."""
-        for k, segment in enumerate(segments):
-            if k % 2:
-                out.append(self.special_tokens[segment])
-            elif segment:
-                self._encode_pieces(PRETOKENIZER.findall(segment), out)
-
     def encode(self, text: str) -> list[int]:
         """The token ids of ``text``; declared special tokens become their own ids."""
         ids: list[int] = []
-        self._encode_segments(self._split(text), ids)
+        for k, segment in enumerate(self._split(text)):
+            if k % 2:
+                ids.append(self.special_tokens[segment])
+            elif segment:
+                self._encode_pieces(PRETOKENIZER.findall(segment), ids)
         return ids
 
     def _special_hold(self, text: str) -> int:
@@ -350,8 +346,7 @@ class Tokenizer:
         """
         hold = self._special_hold(text)
         *done, last = self._split(text[:hold])
-        ids: list[int] = []
-        self._encode_segments(done, ids)
+        ids = self.encode("".join(done))  # up to the last special token: final
         pieces = PRETOKENIZER.findall(last)
         keep, tail = max(len(pieces) - 1, 0), len(pieces[-1]) if pieces else 0
         while keep > 0 and tail + len(pieces[keep - 1]) < _LOOKAHEAD:
