@@ -20,7 +20,8 @@ import string
 import time
 
 from minigpt import data
-from minigpt.tokenizer import Tokenizer, apply_merges
+from minigpt.bpe import apply_merges
+from minigpt.tokenizer import Tokenizer
 
 
 def random_word(n: int, seed: int) -> str:

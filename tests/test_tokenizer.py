@@ -10,14 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minigpt import data
-from minigpt.bpe import pretokenize, train_bpe, train_bpe_from_text, train_bpe_naive
-from minigpt.tokenizer import (
-    CharTokenizer,
-    Tokenizer,
+from minigpt.bpe import (
     apply_merges,
     apply_merges_heap,
-    bytes_to_unicode,
+    pretokenize,
+    train_bpe,
+    train_bpe_from_text,
+    train_bpe_naive,
 )
+from minigpt.tokenizer import CharTokenizer, Tokenizer, bytes_to_unicode
 
 EOT = "<|endoftext|>"
 # Any Unicode text except lone surrogates (which are not valid in UTF-8 at all).

@@ -1,8 +1,9 @@
-"""Byte-level BPE training: learn merges from a corpus (chapter 2).
+"""Byte-level BPE: learn merges from a corpus, and apply them to one word (chapter 2).
 
 Text is cut into *pre-tokens* by GPT-2's regular expression (after removing special tokens,
 which are never merged across), every pre-token becomes a sequence of byte ids, and the most
-frequent adjacent pair is merged into a new token, again and again.
+frequent adjacent pair is merged into a new token, again and again. Encoding replays the
+learned merges on a pre-token, lowest rank first (``minigpt.tokenizer`` uses these loops).
 
 Design choices:
 
@@ -15,15 +16,19 @@ Design choices:
 - Two trainers with one result (tested equal): ``train_bpe_naive`` recounts every pair after
   each merge (easy to read, slow); ``train_bpe_from_text`` keeps the counts up to date
   incrementally and finds the best pair with a lazily invalidated heap (fast).
+- Two merge loops with one result (tested equal): ``apply_merges`` rescans the word for the
+  lowest-ranked pair (readable, O(n²)); ``apply_merges_heap`` keeps the pairs in a heap over a
+  linked list of symbols (O(n log n), for a megabyte-long pre-token without spaces).
 - Arguments are checked once, at the public entry points, before any work.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import pairwise
 
 import regex
@@ -86,6 +91,59 @@ def merge_word(word: tuple[int, ...], pair: Pair, new_id: int) -> tuple[int, ...
             out.append(word[i])
             i += 1
     return tuple(out)
+
+
+def apply_merges(
+    ids: Sequence[int], ranks: dict[Pair, int], merged: dict[Pair, int]
+) -> tuple[int, ...]:
+    """Merge the lowest-ranked adjacent pair of ``ids`` until no pair is a merge.
+
+    Each round rescans the whole word: O(n²) for n symbols, fine for words, too slow
+    for a megabyte without spaces (``apply_merges_heap``: same result, O(n log n)).
+    """
+    ids = tuple(ids)
+    while len(ids) > 1:
+        pair = min(pairwise(ids), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            break
+        ids = merge_word(ids, pair, merged[pair])
+    return ids
+
+
+def apply_merges_heap(
+    ids: Sequence[int], ranks: dict[Pair, int], merged: dict[Pair, int]
+) -> tuple[int, ...]:
+    """``apply_merges`` in O(n log n): a heap of pairs over a linked list of symbols.
+
+    ``nxt[i]``/``prv[i]`` are the positions of symbol i's neighbours; a symbol merged
+    into its left neighbour gets id -1. The heap holds ``(rank, position, pair)``; all
+    entries of the lowest rank are popped together and merged left to right, exactly
+    like ``merge_word``. An entry whose symbols changed since its push is skipped.
+    """
+    ids, n = list(ids), len(ids)
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+    heap = [(ranks[p], i, p) for i, p in enumerate(pairwise(ids)) if p in ranks]
+    heapq.heapify(heap)
+
+    def push(i: int) -> None:  # the pair that starts at symbol i, if it is a merge
+        if i >= 0 and nxt[i] < n and (pair := (ids[i], ids[nxt[i]])) in ranks:
+            heapq.heappush(heap, (ranks[pair], i, pair))
+
+    while heap:
+        rank, batch = heap[0][0], []
+        while heap and heap[0][0] == rank:
+            batch.append(heapq.heappop(heap))
+        for _, i, pair in batch:  # positions in increasing order: left to right
+            j = nxt[i]
+            if ids[i] != pair[0] or j >= n or ids[j] != pair[1]:
+                continue  # stale: one of the two symbols was merged since
+            ids[i], ids[j] = merged[pair], -1
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+            push(prv[i])
+            push(i)
+    return tuple(i for i in ids if i >= 0)
 
 
 def _finish(vocab: Vocab, merges: Merges, special_tokens: list[str]) -> tuple[Vocab, Merges]:

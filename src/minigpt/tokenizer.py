@@ -9,9 +9,9 @@ Design choices:
 
 - Ids, not strings: a pre-token becomes the byte ids of its UTF-8 bytes, and merging looks up
   ``(left id, right id)`` pairs in two dicts (rank, merged id); encoded pre-tokens are cached.
-- Two merge loops with one result: ``apply_merges`` rescans the word for the lowest-ranked
-  pair (short and readable, quadratic), ``apply_merges_heap`` keeps the pairs in a heap over a
-  linked list of symbols (O(n log n), for long pre-tokens such as a megabyte without spaces).
+- Two merge loops with one result (``minigpt.bpe``): ``apply_merges`` for short pre-tokens
+  (readable, quadratic), ``apply_merges_heap`` from ``Tokenizer.heap_from`` bytes on (O(n log
+  n), for long pre-tokens such as a megabyte without spaces).
 - The standard vocabulary contract: ``vocab`` must hold the 256 single bytes and every merge
   result; other entries (e.g. GPT-2's ``<|endoftext|>`` when not declared special) decode but
   are never produced by ``encode``. Only declared special tokens are matched in the text.
@@ -23,11 +23,9 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
-import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from itertools import pairwise
 from pathlib import Path
 
@@ -39,7 +37,8 @@ from minigpt.bpe import (
     Merges,
     Pair,
     Vocab,
-    merge_word,
+    apply_merges,
+    apply_merges_heap,
     special_token_pattern,
 )
 
@@ -147,59 +146,6 @@ def _unprintable(text: str) -> bytes:
 # contractions 'll, 're, 've); pre-tokens that start closer to the end of a text may change
 # when more text follows.
 _LOOKAHEAD = 3
-
-
-def apply_merges(
-    ids: Sequence[int], ranks: dict[Pair, int], merged: dict[Pair, int]
-) -> tuple[int, ...]:
-    """Merge the lowest-ranked adjacent pair of ``ids`` until no pair is a merge.
-
-    Each round rescans the whole word: O(n²) for n symbols, fine for words, too slow
-    for a megabyte without spaces (``apply_merges_heap``: same result, O(n log n)).
-    """
-    ids = tuple(ids)
-    while len(ids) > 1:
-        pair = min(pairwise(ids), key=lambda p: ranks.get(p, math.inf))
-        if pair not in ranks:
-            break
-        ids = merge_word(ids, pair, merged[pair])
-    return ids
-
-
-def apply_merges_heap(
-    ids: Sequence[int], ranks: dict[Pair, int], merged: dict[Pair, int]
-) -> tuple[int, ...]:
-    """``apply_merges`` in O(n log n): a heap of pairs over a linked list of symbols.
-
-    ``nxt[i]``/``prv[i]`` are the positions of symbol i's neighbours; a symbol merged
-    into its left neighbour gets id -1. The heap holds ``(rank, position, pair)``; all
-    entries of the lowest rank are popped together and merged left to right, exactly
-    like ``merge_word``. An entry whose symbols changed since its push is skipped.
-    """
-    ids, n = list(ids), len(ids)
-    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
-    heap = [(ranks[p], i, p) for i, p in enumerate(pairwise(ids)) if p in ranks]
-    heapq.heapify(heap)
-
-    def push(i: int) -> None:  # the pair that starts at symbol i, if it is a merge
-        if i >= 0 and nxt[i] < n and (pair := (ids[i], ids[nxt[i]])) in ranks:
-            heapq.heappush(heap, (ranks[pair], i, pair))
-
-    while heap:
-        rank, batch = heap[0][0], []
-        while heap and heap[0][0] == rank:
-            batch.append(heapq.heappop(heap))
-        for _, i, pair in batch:  # positions in increasing order: left to right
-            j = nxt[i]
-            if ids[i] != pair[0] or j >= n or ids[j] != pair[1]:
-                continue  # stale: one of the two symbols was merged since
-            ids[i], ids[j] = merged[pair], -1
-            nxt[i] = nxt[j]
-            if nxt[i] < n:
-                prv[nxt[i]] = i
-            push(prv[i])
-            push(i)
-    return tuple(i for i in ids if i >= 0)
 
 
 class Tokenizer:
