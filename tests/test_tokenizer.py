@@ -2,13 +2,22 @@
 
 import itertools
 import json
+import random
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minigpt import data
-from minigpt.bpe import pretokenize, train_bpe, train_bpe_from_text, train_bpe_naive
+from minigpt.bpe import (
+    apply_merges,
+    apply_merges_heap,
+    pretokenize,
+    train_bpe,
+    train_bpe_from_text,
+    train_bpe_naive,
+)
 from minigpt.tokenizer import CharTokenizer, Tokenizer, bytes_to_unicode
 
 EOT = "<|endoftext|>"
@@ -222,6 +231,50 @@ def test_encode_iterable_any_chunking(two_specials, parts, sizes):
     assert list(tok.encode_iterable(chunks)) == tok.encode(text)
 
 
+def test_encode_iterable_whitespace_depends_on_what_follows(gpt2):
+    # " \n\n" alone is one pre-token; followed by "World" it is " \n", "\n" (issue #12)
+    chunks = ["Hello \n", "\n", "World"]
+    assert gpt2.encode("".join(chunks)) == [15496, 220, 198, 198, 10603]
+    assert list(gpt2.encode_iterable(chunks)) == [15496, 220, 198, 198, 10603]
+    # a contraction decides on three characters: "'l" + "l" is "'ll", not "'", "ll"
+    assert list(gpt2.encode_iterable(["I'l", "l go"])) == gpt2.encode("I'll go")
+
+
+# Text rich in what makes pre-tokens depend on what follows: whitespace runs, contractions,
+# letters, digits, punctuation, special-token fragments, and any other Unicode.
+stream_text = st.lists(
+    st.one_of(
+        st.sampled_from([" ", "  ", "\n", "\n\n", "\t", "\r\n", "'", "'s", "'l", "ll", "re",
+                         "a", "Wo", "é", "你", "🙂", "1", "23", ".", "!?", "<|", "endoftext", "|>",
+                         EOT]),
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=5),
+    ),
+    max_size=40,
+).map("".join)  # fmt: skip
+
+
+def chunked(text: str, cuts: list[int]) -> list[str]:
+    """``text`` cut at the positions ``cuts`` (taken modulo its length), empty chunks kept."""
+    points = sorted(c % (len(text) + 1) for c in cuts)
+    return [text[a:b] for a, b in pairwise([0, *points, len(text)])]
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(stream_text, st.lists(st.integers(0, 1000), max_size=12))
+def test_encode_iterable_property_gpt2(gpt2, text, cuts):
+    assert list(gpt2.encode_iterable(chunked(text, cuts))) == gpt2.encode(text)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(stream_text, st.lists(st.integers(0, 1000), max_size=12))
+def test_encode_iterable_property_trained_bpe(two_specials, text, cuts):
+    assert list(two_specials.encode_iterable(chunked(text, cuts))) == two_specials.encode(text)
+
+
 def test_encode_iterable_is_lazy(small_bpe):
     endless = itertools.cycle(["To be, or not to be", ": that is the question.\n"])
     first = list(itertools.islice(small_bpe.encode_iterable(endless), 1000))
@@ -275,11 +328,6 @@ def test_other_files_in_gpt2_format_describe_their_vocabulary(small_bpe, tmp_pat
     assert Tokenizer.from_dict(d).encode(SAMPLE) == small_bpe.encode(SAMPLE)
 
 
-def test_gpt2_files_without_their_special_token_say_so():
-    with pytest.raises(ValueError, match="special_tokens"):
-        Tokenizer.from_gpt2_files(data.path("gpt2-encoder"), data.path("gpt2-vocab"), [])
-
-
 def test_to_tiktoken_equals_our_encoder(
     small_bpe, small_tiktoken, shakespeare, gpt2, tiktoken_gpt2
 ):
@@ -303,8 +351,10 @@ def test_tokenizer_rejects_inconsistent_vocab():
     base = {i: bytes([i]) for i in range(256)}
     with pytest.raises(ValueError, match="no id in vocab"):
         Tokenizer(base, [(b"a", b"b")])
-    with pytest.raises(ValueError, match="duplicate"):
+    with pytest.raises(ValueError, match="are both b'ab'"):
         Tokenizer(base | {256: b"ab", 257: b"ab"}, [(b"a", b"b")])
+    with pytest.raises(ValueError, match="non-negative"):
+        Tokenizer(base | {-1: b"ab"}, [])
 
 
 def test_special_token_spelled_like_a_regular_token(tmp_path):
@@ -322,3 +372,92 @@ def test_gpt2_files_with_an_extra_special_token():
     )
     assert tok.special_tokens == {EOT: 50256, "<|pad|>": 50257} and tok.vocab_size == 50258
     assert tok.encode(f"hi<|pad|>{EOT}") == [5303, 50257, 50256]
+
+
+# -- long pre-tokens: the heap merge -------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 3), max_size=40),
+    st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), max_size=12),
+)
+def test_apply_merges_heap_equals_apply_merges(ids, pairs):
+    # random merges over symbols 0-3 and merged symbols 10, 11, ... in any rank order,
+    # including pairs that repeat one symbol ("aaa"), whose overlaps merge left to right
+    ranks, merged = {}, {}
+    for rank, pair in enumerate(pairs):
+        if pair not in ranks:
+            ranks[pair], merged[pair] = rank, 10 + rank
+    assert apply_merges_heap(ids, ranks, merged) == apply_merges(ids, ranks, merged)
+
+
+@pytest.fixture(scope="module")
+def long_words() -> list[str]:
+    rng = random.Random(0)
+    return [
+        "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=20_000)),
+        "".join(rng.choices("etaoinshrdlu", k=20_000)),
+        "".join(rng.choices("ab", k=5_000)),
+        "a" * 5_001,
+        "1" * 3_000 + " " * 3_000 + "!" * 3_000 + "é" * 3_000,
+    ]
+
+
+def test_long_words_equal_tiktoken(gpt2, tiktoken_gpt2, small_bpe, small_tiktoken, long_words):
+    for word in long_words:
+        assert gpt2.encode(word) == tiktoken_gpt2.encode(word)
+        assert small_bpe.encode(word) == small_tiktoken.encode(word)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(unicode_text)
+def test_heap_path_equals_short_path(small_bpe, text):
+    heap_only = Tokenizer(small_bpe.vocab, small_bpe.merges, list(small_bpe.special_tokens))
+    heap_only.heap_from = 0  # every pre-token goes through apply_merges_heap
+    assert heap_only.encode(text) == small_bpe.encode(text)
+
+
+# -- the standard vocabulary contract -------------------------------------------------------------
+
+
+def test_vocab_may_hold_other_tokens_that_only_decode(small_bpe, tmp_path):
+    top = small_bpe.vocab_size
+    vocab = small_bpe.vocab | {top: b"<pad>", top + 1: b"\xff\xfe"}
+    tok = Tokenizer(vocab, small_bpe.merges, [EOT])
+    assert tok.decode([top, ord("a"), top]) == "<pad>a<pad>"
+    assert tok.decode([top + 1]) == "\ufffd\ufffd"
+    ids = tok.encode("<pad>\xff" + SAMPLE)
+    assert ids == small_bpe.encode("<pad>\xff" + SAMPLE) and max(ids) < top
+    assert tok.vocab_size == top + 2
+    for again in (Tokenizer.from_dict(json.loads(json.dumps(tok.to_dict()))), None):
+        if again is None:
+            tok.save(tmp_path)
+            again = Tokenizer.load(tmp_path)
+        assert again.vocab == tok.vocab and again.special_tokens == tok.special_tokens
+
+
+def test_gpt2_without_declared_special_token_treats_it_as_text(tiktoken_gpt2):
+    plain = data.gpt2_tokenizer(special_tokens=())
+    assert plain.special_tokens == {} and plain.vocab_size == 50257
+    text = f"Hello{EOT}world {EOT}"
+    ids = plain.encode(text)
+    assert ids == tiktoken_gpt2.encode(text, disallowed_special=())
+    assert 50256 not in ids and plain.decode(ids) == text
+    assert plain.decode([50256]) == EOT  # the id still decodes
+    assert list(plain.encode_iterable([text[:7], text[7:]])) == ids
+    assert data.load_tokenizer(plain.to_dict()).encode(text) == ids
+
+
+def test_repr_names_kind_size_and_counts(gpt2, small_bpe, two_specials):
+    assert repr(gpt2) == (
+        "Tokenizer(kind='gpt2', vocab_size=50257, merges=50000, special_tokens=1, other_tokens=0)"
+    )
+    assert repr(two_specials) == (
+        "Tokenizer(kind='bpe', vocab_size=501, merges=243, special_tokens=2, other_tokens=0)"
+    )
+    plain = data.gpt2_tokenizer(special_tokens=())
+    assert "special_tokens=0, other_tokens=1" in repr(plain)
+    assert repr(CharTokenizer.from_text("hello")) == "CharTokenizer(kind='char', vocab_size=4)"

@@ -1,24 +1,34 @@
-"""Byte-level BPE training: learn merges from a corpus (chapter 2).
+"""Byte-level BPE: learn merges from a corpus, and apply them to one word (chapter 2).
 
 Text is cut into *pre-tokens* by GPT-2's regular expression (after removing special tokens,
 which are never merged across), every pre-token becomes a sequence of byte ids, and the most
-frequent adjacent pair is merged into a new token, again and again.
+frequent adjacent pair is merged into a new token, again and again. Encoding replays the
+learned merges on a pre-token, lowest rank first (``minigpt.tokenizer`` uses these loops).
 
-Token ids of a trained vocabulary follow GPT-2's layout: ids 0-255 are the single bytes (id ==
-byte value), ids 256, 257, ... the merged tokens in the order they were learned, and the
-special tokens come last. Ties between equally frequent pairs go to the lexicographically
-greater pair of byte strings, so training is reproducible.
+Design choices:
 
-``train_bpe_naive`` recounts every pair after each merge (easy to read, slow);
-``train_bpe`` keeps the counts up to date incrementally (same result, fast).
+- GPT-2's id layout: ids 0-255 are the single bytes (id == byte value), ids 256, 257, ... the
+  merged tokens in the order they were learned, the special tokens last. So any prefix of the
+  merge list is a smaller tokenizer, and ``Tokenizer.to_tiktoken`` can rank tokens by id.
+- Reproducible ties: between equally frequent pairs the lexicographically greater pair of
+  byte strings wins.
+- Distinct pre-tokens are counted once, weighted by how often they occur.
+- Two trainers with one result (tested equal): ``train_bpe_naive`` recounts every pair after
+  each merge (easy to read, slow); ``train_bpe_from_text`` keeps the counts up to date
+  incrementally and finds the best pair with a lazily invalidated heap (fast).
+- Two merge loops with one result (tested equal): ``apply_merges`` rescans the word for the
+  lowest-ranked pair (readable, O(n²)); ``apply_merges_heap`` keeps the pairs in a heap over a
+  linked list of symbols (O(n log n), for a megabyte-long pre-token without spaces).
+- Arguments are checked once, at the public entry points, before any work.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import pairwise
 
 import regex
@@ -71,7 +81,7 @@ def _check_sizes(vocab_size: int, special_tokens: list[str]) -> None:
 
 
 def merge_word(word: tuple[int, ...], pair: Pair, new_id: int) -> tuple[int, ...]:
-    """Replace every occurrence of ``pair`` in ``word`` by ``new_id``, scanning left to right."""
+    """Replace each occurrence of ``pair`` in ``word`` by ``new_id``, left to right."""
     out, i = [], 0
     while i < len(word):
         if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
@@ -81,6 +91,59 @@ def merge_word(word: tuple[int, ...], pair: Pair, new_id: int) -> tuple[int, ...
             out.append(word[i])
             i += 1
     return tuple(out)
+
+
+def apply_merges(
+    ids: Sequence[int], ranks: dict[Pair, int], merged: dict[Pair, int]
+) -> tuple[int, ...]:
+    """Merge the lowest-ranked adjacent pair of ``ids`` until no pair is a merge.
+
+    Each round rescans the whole word: O(n²) for n symbols, fine for words, too slow
+    for a megabyte without spaces (``apply_merges_heap``: same result, O(n log n)).
+    """
+    ids = tuple(ids)
+    while len(ids) > 1:
+        pair = min(pairwise(ids), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            break
+        ids = merge_word(ids, pair, merged[pair])
+    return ids
+
+
+def apply_merges_heap(
+    ids: Sequence[int], ranks: dict[Pair, int], merged: dict[Pair, int]
+) -> tuple[int, ...]:
+    """``apply_merges`` in O(n log n): a heap of pairs over a linked list of symbols.
+
+    ``nxt[i]``/``prv[i]`` are the positions of symbol i's neighbours; a symbol merged
+    into its left neighbour gets id -1. The heap holds ``(rank, position, pair)``; all
+    entries of the lowest rank are popped together and merged left to right, exactly
+    like ``merge_word``. An entry whose symbols changed since its push is skipped.
+    """
+    ids, n = list(ids), len(ids)
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+    heap = [(ranks[p], i, p) for i, p in enumerate(pairwise(ids)) if p in ranks]
+    heapq.heapify(heap)
+
+    def push(i: int) -> None:  # the pair that starts at symbol i, if it is a merge
+        if i >= 0 and nxt[i] < n and (pair := (ids[i], ids[nxt[i]])) in ranks:
+            heapq.heappush(heap, (ranks[pair], i, pair))
+
+    while heap:
+        rank, batch = heap[0][0], []
+        while heap and heap[0][0] == rank:
+            batch.append(heapq.heappop(heap))
+        for _, i, pair in batch:  # positions in increasing order: left to right
+            j = nxt[i]
+            if ids[i] != pair[0] or j >= n or ids[j] != pair[1]:
+                continue  # stale: one of the two symbols was merged since
+            ids[i], ids[j] = merged[pair], -1
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+            push(prv[i])
+            push(i)
+    return tuple(i for i in ids if i >= 0)
 
 
 def _finish(vocab: Vocab, merges: Merges, special_tokens: list[str]) -> tuple[Vocab, Merges]:
@@ -131,67 +194,74 @@ class _Descending:
         return isinstance(other, _Descending) and self.key == other.key
 
 
-def train_bpe_from_text(
-    text: str, vocab_size: int, special_tokens: Iterable[str] = ()
-) -> tuple[Vocab, Merges]:
-    """Fast BPE training with incremental pair counts; same result as ``train_bpe_naive``.
-
-    ``counts[pair]`` is the number of times ``pair`` occurs (weighted by word frequency) and
-    ``where[pair]`` the set of distinct words that contain it. A merge only touches the words
-    that contain the merged pair. The best pair comes from a heap of ``(-count, pair)`` entries;
-    an entry whose count is out of date is simply skipped when popped ("lazy invalidation").
-    """
-    special_tokens = list(special_tokens)
-    _check_sizes(vocab_size, special_tokens)
-    vocab: Vocab = {i: bytes([i]) for i in range(256)}
-    merges: Merges = []
-    word_counts = _word_counts(text, special_tokens)
-    words: list[tuple[int, ...]] = [tuple(w) for w in word_counts]
-    freqs: list[int] = list(word_counts.values())
-
+def _pair_index(
+    words: list[tuple[int, ...]], freqs: list[int]
+) -> tuple[defaultdict[Pair, int], defaultdict[Pair, set[int]]]:
+    """How often each pair occurs (weighted by word frequency), and in which words."""
     counts: defaultdict[Pair, int] = defaultdict(int)
     where: defaultdict[Pair, set[int]] = defaultdict(set)
     for index, (word, n) in enumerate(zip(words, freqs, strict=True)):
         for pair in pairwise(word):
             counts[pair] += n
             where[pair].add(index)
+    return counts, where
+
+
+def _pop_best(heap: list, counts: dict[Pair, int]) -> Pair | None:
+    """Pop heap entries until one is up to date: the best pair (``None`` when none is left)."""
+    while heap:
+        neg_count, _, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) == -neg_count > 0:
+            return pair
+    return None
+
+
+def train_bpe_from_text(
+    text: str, vocab_size: int, special_tokens: Iterable[str] = ()
+) -> tuple[Vocab, Merges]:
+    """Fast BPE training with incremental pair counts; same result as the naive one.
+
+    ``counts[pair]`` is how often ``pair`` occurs (weighted by word frequency) and
+    ``where[pair]`` the set of distinct words that contain it, so a merge only touches
+    the words that contain the merged pair. The best pair comes from a heap of
+    ``(-count, pair)`` entries; an entry whose count is out of date is skipped when
+    popped (``_pop_best``).
+    """
+    special_tokens = list(special_tokens)
+    _check_sizes(vocab_size, special_tokens)
+    vocab: Vocab = {i: bytes([i]) for i in range(256)}
+    merges: Merges = []
+    word_counts = _word_counts(text, special_tokens)
+    words, freqs = [tuple(w) for w in word_counts], list(word_counts.values())
+    counts, where = _pair_index(words, freqs)
 
     def entry(pair: Pair) -> tuple[int, _Descending, Pair]:
         return (-counts[pair], _Descending((vocab[pair[0]], vocab[pair[1]])), pair)
 
     heap = [entry(pair) for pair in counts]
     heapq.heapify(heap)
-
     while len(vocab) < vocab_size - len(special_tokens):
-        best = None
-        while heap:
-            neg_count, _, pair = heapq.heappop(heap)
-            if counts.get(pair, 0) == -neg_count > 0:  # skip entries that went stale
-                best = pair
-                break
+        best = _pop_best(heap, counts)
         if best is None:  # nothing left to merge
             break
         new_id = len(vocab)
         vocab[new_id] = vocab[best[0]] + vocab[best[1]]
         merges.append((vocab[best[0]], vocab[best[1]]))
-
         changed: set[Pair] = set()
-        for index in where.pop(best):
+        for index in where.pop(best):  # only the words that contain the best pair
             old, n = words[index], freqs[index]
-            new = merge_word(old, best, new_id)
-            words[index] = new
+            words[index] = new = merge_word(old, best, new_id)
             for pair in pairwise(old):
                 counts[pair] -= n
                 changed.add(pair)
             for pair in pairwise(new):
                 counts[pair] += n
                 changed.add(pair)
-            for pair in set(pairwise(old)) - set(pairwise(new)):
-                if pair != best:
-                    where[pair].discard(index)
+            for pair in set(pairwise(old)) - set(pairwise(new)) - {best}:
+                where[pair].discard(index)
             for pair in pairwise(new):
                 where[pair].add(index)
-        for pair in changed:
+        for pair in changed:  # push the new counts; drop pairs that are gone
             if counts[pair] > 0:
                 heapq.heappush(heap, entry(pair))
             else:

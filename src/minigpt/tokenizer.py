@@ -4,6 +4,20 @@
 ``Tokenizer`` is a byte-level BPE (chapter 2): it encodes with the merges learned by
 ``minigpt.bpe.train_bpe`` or read from GPT-2's files, gives the same ids as tiktoken, and can
 hand its vocabulary to tiktoken for fast encoding of whole corpora.
+
+Design choices:
+
+- Ids, not strings: a pre-token becomes the byte ids of its UTF-8 bytes, and merging looks up
+  ``(left id, right id)`` pairs in two dicts (rank, merged id); encoded pre-tokens are cached.
+- Two merge loops with one result (``minigpt.bpe``): ``apply_merges`` for short pre-tokens
+  (readable, quadratic), ``apply_merges_heap`` from ``Tokenizer.heap_from`` bytes on (O(n log
+  n), for long pre-tokens such as a megabyte without spaces).
+- The standard vocabulary contract: ``vocab`` must hold the 256 single bytes and every merge
+  result; other entries (e.g. GPT-2's ``<|endoftext|>`` when not declared special) decode but
+  are never produced by ``encode``. Only declared special tokens are matched in the text.
+- Streaming: ``encode_iterable`` emits the pre-tokens no continuation of the text can change
+  and carries the rest (the last pre-tokens, a partial special token) into the next chunk.
+- GPT-2's own files are described by their SHA-256 (``to_dict``), never by a local path.
 """
 
 from __future__ import annotations
@@ -21,8 +35,10 @@ from minigpt.bpe import (
     GPT2_SPLIT_PATTERN,
     PRETOKENIZER,
     Merges,
+    Pair,
     Vocab,
-    merge_word,
+    apply_merges,
+    apply_merges_heap,
     special_token_pattern,
 )
 
@@ -75,6 +91,9 @@ class CharTokenizer:
             out.append(self.chars[i])
         return "".join(out)
 
+    def __repr__(self) -> str:
+        return f"CharTokenizer(kind='char', vocab_size={self.vocab_size})"
+
     def to_dict(self) -> dict:
         """A JSON-serialisable description, stored beside checkpoints."""
         return {"type": "char", "chars": "".join(self.chars)}
@@ -123,57 +142,52 @@ def _unprintable(text: str) -> bytes:
         ) from None
 
 
+# GPT-2's regex decides a pre-token from at most this many characters from its start (the
+# contractions 'll, 're, 've); pre-tokens that start closer to the end of a text may change
+# when more text follows.
+_LOOKAHEAD = 3
+
+
 class Tokenizer:
     """Byte-level BPE: text -> ids by applying ranked merges to each pre-token, ids -> text.
 
-    ``vocab`` maps ids to bytes; ``merges`` lists merged pairs, earliest (highest priority)
-    first; ``special_tokens`` are strings that always get their own id: their id in ``vocab``
-    if the vocabulary already holds them (as GPT-2's ``<|endoftext|>``), else new ids after the
-    largest one. Special tokens in the text are matched first, longest first.
+    ``vocab`` maps ids to bytes and must hold the 256 single bytes and the result of every
+    merge; ``merges`` lists merged pairs, earliest (highest priority) first. Other vocab
+    entries are legal: ``decode`` maps them, ``encode`` never produces them. ``special_tokens``
+    are strings that always get their own id when they occur in the text: their id in
+    ``vocab`` if it holds them (as GPT-2's ``<|endoftext|>``) and they are not a byte or merge
+    result, else new ids after the largest one. Longer special tokens are matched first.
     """
 
     cache_size = 1 << 17  # encoded pre-tokens kept; the cache is emptied when it is full
+    heap_from = 64  # pre-tokens of this many bytes or more are merged by apply_merges_heap
 
     def __init__(
         self, vocab: Vocab, merges: Merges, special_tokens: Iterable[str] | None = None
     ) -> None:
         self.vocab: Vocab = {int(i): bytes(b) for i, b in vocab.items()}
         self.merges: Merges = [(bytes(a), bytes(b)) for a, b in merges]
-        specials = list(dict.fromkeys(special_tokens or ()))
+        if any(i < 0 for i in self.vocab):
+            raise ValueError(f"token ids must be non-negative, got {min(self.vocab)}")
         regular = {bytes([b]) for b in range(256)} | {a + b for a, b in self.merges}
-        self._encoder: dict[bytes, int] = {}
-        self.special_tokens: dict[str, int] = {}
-        for i in sorted(self.vocab):
-            token = self.vocab[i]
-            if i < 0:
-                raise ValueError(f"token ids must be non-negative, got {i}")
-            as_text = token.decode("utf-8", errors="replace")
-            if token in regular and token not in self._encoder:
-                self._encoder[token] = i
-            elif (
-                as_text in specials
-                and as_text not in self.special_tokens
-                and (as_text.encode("utf-8") == token)
-            ):
-                self.special_tokens[as_text] = i
-            else:
+        self.special_tokens = self._assign_specials(special_tokens or (), regular)
+        special_ids = set(self.special_tokens.values())
+        ids_of: dict[bytes, int] = {}
+        for i, token in sorted(self.vocab.items()):
+            if i not in special_ids and ids_of.setdefault(token, i) != i:
                 raise ValueError(
-                    f"vocab id {i} ({token!r}) is a duplicate or neither a byte, the result of a "
-                    "merge nor a special token; pass a vocab built with its merges (train_bpe) "
-                    "and list tokens such as '<|endoftext|>' in special_tokens"
+                    f"vocab ids {ids_of[token]} and {i} are both {token!r}; "
+                    "every token except a special one must have exactly one id"
                 )
-        for token in specials:
-            if token not in self.special_tokens:
-                self.special_tokens[token] = i = max(self.vocab, default=-1) + 1
-                self.vocab[i] = token.encode("utf-8")
-        missing = sorted(regular - self._encoder.keys())
+        missing = sorted(regular - ids_of.keys())
         if missing:
             raise ValueError(
                 f"{len(missing)} bytes or merge results have no id in vocab, e.g. {missing[0]!r}; "
                 "vocab must hold the 256 single bytes and the result of every merge"
             )
-        self._rank: dict[tuple[int, int], int] = {}
-        self._merged: dict[tuple[int, int], int] = {}
+        self._encoder = {token: ids_of[token] for token in sorted(regular)}
+        self._rank: dict[Pair, int] = {}
+        self._merged: dict[Pair, int] = {}
         for rank, (a, b) in enumerate(self.merges):
             pair = (self._encoder[a], self._encoder[b])
             if pair not in self._rank:
@@ -184,28 +198,51 @@ class Tokenizer:
         self._cache: dict[str, tuple[int, ...]] = {}
         self._is_gpt2 = False  # read from GPT-2's own files (see from_gpt2_files)
 
+    def _assign_specials(
+        self, special_tokens: Iterable[str], regular: set[bytes]
+    ) -> dict[str, int]:
+        """Each special token's id: the first vocab entry spelling it that is not a byte or
+        merge result, else a new id after the largest (added to ``vocab``)."""
+        specials = list(dict.fromkeys(special_tokens))
+        if any(not isinstance(s, str) or not s for s in specials):
+            raise ValueError(f"special tokens must be non-empty strings, got {specials!r}")
+        wanted = {s.encode("utf-8"): s for s in specials}
+        assigned: dict[str, int] = {}
+        for i, token in sorted(self.vocab.items()):
+            if token in wanted and token not in regular:
+                assigned.setdefault(wanted[token], i)
+        for token in specials:
+            if token not in assigned:
+                assigned[token] = i = max(self.vocab, default=-1) + 1
+                self.vocab[i] = token.encode("utf-8")
+        return {s: assigned[s] for s in specials}
+
     @property
     def vocab_size(self) -> int:
         """One more than the largest id (the size an embedding table needs)."""
         return max(self.vocab) + 1
 
+    def __repr__(self) -> str:
+        kind = "gpt2" if self._is_gpt2 else "bpe"
+        extra = len(self.vocab) - len(self._encoder) - len(self.special_tokens)
+        return (
+            f"Tokenizer(kind={kind!r}, vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+            f"special_tokens={len(self.special_tokens)}, other_tokens={extra})"
+        )
+
     # -- encoding ---------------------------------------------------------------------------
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
-        """Encode one pre-token: merge the lowest-ranked adjacent pair until none is left."""
-        ids = tuple(self._byte_ids[b] for b in piece.encode("utf-8"))
-        rank, never = self._rank, len(self.merges)
-        while len(ids) > 1:
-            pair = min(pairwise(ids), key=lambda p: rank.get(p, never))
-            if pair not in rank:
-                break
-            ids = merge_word(ids, pair, self._merged[pair])
-        return ids
+        """Encode one pre-token: its bytes' ids, merged by rank."""
+        ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
+        if len(ids) < self.heap_from:
+            return apply_merges(ids, self._rank, self._merged)
+        return apply_merges_heap(ids, self._rank, self._merged)
 
-    def _encode_ordinary(self, text: str, out: list[int]) -> None:
-        """Append the ids of ``text`` (which holds no special tokens) to ``out``."""
+    def _encode_pieces(self, pieces: Iterable[str], out: list[int]) -> None:
+        """Append the ids of the pre-tokens ``pieces`` to ``out``."""
         cache = self._cache
-        for piece in PRETOKENIZER.findall(text):
+        for piece in pieces:
             ids = cache.get(piece)
             if ids is None:
                 ids = self._bpe(piece)
@@ -219,54 +256,63 @@ class Tokenizer:
         return self._special_pattern.split(text) if self._special_pattern else [text]
 
     def encode(self, text: str) -> list[int]:
-        """The token ids of ``text``; special tokens in it become their own ids."""
+        """The token ids of ``text``; declared special tokens become their own ids."""
         ids: list[int] = []
         for k, segment in enumerate(self._split(text)):
             if k % 2:
                 ids.append(self.special_tokens[segment])
             elif segment:
-                self._encode_ordinary(segment, ids)
+                self._encode_pieces(PRETOKENIZER.findall(segment), ids)
         return ids
 
-    def _safe_cut(self, buf: str) -> int:
-        """How much of ``buf`` can be encoded now without knowing the text that follows.
-
-        Hold back any tail that may still grow into a (longer) special token, never cut through
-        a special token (``<|endoftext|>`` may be the start of ``<|endoftext|><|endoftext|>``),
-        and hold back the last pre-token, which more text could extend ("hel" + "lo").
-        """
-        hold = len(buf)
+    def _special_hold(self, text: str) -> int:
+        """Where ``text`` may end inside a special token: it ends with a prefix of one, or
+        with a special token that may be the start of a longer one (``<|endoftext|>`` of
+        ``<|endoftext|><|endoftext|>``). ``len(text)`` if nowhere."""
+        hold = len(text)
         for token in self.special_tokens:
-            for k in range(min(len(token) - 1, len(buf)), 0, -1):
-                if buf.endswith(token[:k]):
-                    hold = min(hold, len(buf) - k)
+            for k in range(min(len(token) - 1, len(text)), 0, -1):
+                if text.endswith(token[:k]):
+                    hold = min(hold, len(text) - k)
                     break
-        if self._special_pattern and hold < len(buf):
-            for match in self._special_pattern.finditer(buf):
+        if self._special_pattern and hold < len(text):
+            for match in self._special_pattern.finditer(text):
                 if match.start() < hold < match.end():
                     hold = match.start()
-        segments = self._split(buf[:hold])
-        last = segments[-1]
-        if not last:  # ends with a special token (or is empty): all of it is final
-            return hold
-        *_, match = PRETOKENIZER.finditer(last)
-        return hold - len(last) + match.start()
+        return hold
+
+    def _encode_final(self, text: str) -> tuple[list[int], str]:
+        r"""The ids of the part of ``text`` no continuation can change, and the rest.
+
+        More text can complete a special token and change the last pre-tokens: the
+        last one may grow ("hel" + "lo"), a trailing whitespace run gives its last
+        character to a following word (GPT-2's ``\s+(?!\S)``), and a contraction
+        decides on up to three characters ("'l" + "l"). The pieces before them are
+        final *as cut in this text*, so they are encoded as they are, not re-split.
+        """
+        hold = self._special_hold(text)
+        *done, last = self._split(text[:hold])
+        ids = self.encode("".join(done))  # up to the last special token: final
+        pieces = PRETOKENIZER.findall(last)
+        keep, tail = max(len(pieces) - 1, 0), len(pieces[-1]) if pieces else 0
+        while keep > 0 and tail + len(pieces[keep - 1]) < _LOOKAHEAD:
+            keep -= 1
+            tail += len(pieces[keep])
+        self._encode_pieces(pieces[:keep], ids)
+        return ids, "".join(pieces[keep:]) + text[hold:]
 
     def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
         """Lazily encode a stream of text chunks (e.g. an open file's lines).
 
-        Gives the same ids as ``encode("".join(texts))`` while holding only an unfinished tail
-        of the text in memory (at most one pre-token plus a partial special token).
+        Gives the same ids as ``encode("".join(texts))`` for any chunking, holding
+        only an unfinished tail of the text in memory (a few pre-tokens and a partial
+        special token).
         """
-        buf = ""
+        rest = ""
         for chunk in texts:
-            buf += chunk
-            cut = self._safe_cut(buf)
-            if cut:
-                yield from self.encode(buf[:cut])
-                buf = buf[cut:]
-        if buf:
-            yield from self.encode(buf)
+            ids, rest = self._encode_final(rest + chunk)
+            yield from ids
+        yield from self.encode(rest)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``; byte sequences that are not valid UTF-8 decode to U+FFFD."""
@@ -324,7 +370,8 @@ class Tokenizer:
         return tok
 
     def _gpt2_format(self) -> tuple[dict[str, int], list[str]]:
-        encoder = {_printable(self.vocab[i]): i for i in self._encoder.values()}
+        special_ids = set(self.special_tokens.values())
+        encoder = {_printable(t): i for i, t in self.vocab.items() if i not in special_ids}
         clash = sorted(encoder.keys() & self.special_tokens.keys())
         if clash:
             raise ValueError(
@@ -400,28 +447,29 @@ class Tokenizer:
     # -- the fast path ----------------------------------------------------------------------
 
     def to_tiktoken(self, name: str = "minigpt-bpe") -> tiktoken.Encoding:
-        """The same tokenizer as a ``tiktoken.Encoding`` (encodes whole corpora much faster).
+        """The same tokenizer as a ``tiktoken.Encoding`` (encodes corpora much faster).
 
-        tiktoken has no merge list: it ranks each token by its id and repeatedly merges the
-        adjacent pair whose *concatenation* has the lowest rank. That agrees with our merges
-        only if every byte's id is below every merged token's id and merged tokens get
-        increasing ids in merge order (true for ``train_bpe`` and for GPT-2), which is checked.
-        Like any tiktoken encoding it refuses special tokens in the text unless you pass
-        ``allowed_special="all"`` to ``encode``.
+        tiktoken has no merge list: it ranks each token by its id and repeatedly merges
+        the adjacent pair whose *concatenation* has the lowest rank. That agrees with
+        our merges only if every byte's id is below every merged token's id and merged
+        tokens get increasing ids in merge order (true for ``train_bpe`` and GPT-2):
+        checked. Vocab entries that are neither tokens nor special are left out. Like
+        any tiktoken encoding it refuses special tokens in the text unless ``encode``
+        is given ``allowed_special="all"``.
         """
         made = [self._encoder[a + b] for a, b in self.merges]
         parts = [(self._encoder[a], self._encoder[b]) for a, b in self.merges]
-        in_order = all(x < y for x, y in pairwise(made))
         if (
-            not in_order
+            any(x >= y for x, y in pairwise(made))
             or (made and max(self._byte_ids) >= made[0])
             or any(max(p) >= m for p, m in zip(parts, made, strict=True))
         ):
             raise ValueError(
-                "tiktoken ranks tokens by id, so ids must follow the merge order (bytes first, "
-                "then one new id per merge, increasing); this vocabulary does not"
+                "tiktoken ranks tokens by id, so ids must follow the merge order "
+                "(bytes first, then one new id per merge, increasing); "
+                "this vocabulary does not"
             )
-        ranks = {self.vocab[i]: i for i in self._encoder.values()}
+        ranks = dict(self._encoder)
         return tiktoken.Encoding(
             name=name,
             pat_str=GPT2_SPLIT_PATTERN,
