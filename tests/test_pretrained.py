@@ -57,13 +57,6 @@ def test_load_matches_transformers(hf_dir):
     assert not ours.training
 
 
-def test_gpt_from_pretrained_is_the_same_loader(hf_dir):
-    idx = torch.arange(10).unsqueeze(0)
-    with torch.no_grad():
-        shortcut = GPT.from_pretrained(str(hf_dir))(idx)[0]
-        assert torch.equal(shortcut, from_pretrained(hf_dir)(idx)[0])
-
-
 def test_export_loads_in_transformers(tmp_path):
     torch.manual_seed(3)
     ours = GPT(gpt2_config("gpt2", vocab_size=90, block_size=48, n_layer=2, n_head=4, n_embd=64))

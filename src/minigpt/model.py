@@ -1,9 +1,19 @@
 """The GPT model: configuration, MLP, Transformer block, and the decoder-only stack (chapter 4).
 
-GPT-2 by default (learned positions, pre-LayerNorm blocks, GELU MLP, tied LM head), with the
-modern variants as config switches: RMSNorm, SwiGLU, rotary positions (RoPE) and grouped-query
-attention. Module and parameter names follow Hugging Face's GPT-2, so loading its weights is a
-rename plus a transpose. Attention itself lives in ``minigpt.attention``.
+Design choices:
+
+* GPT-2 by default (learned positions, pre-LayerNorm blocks, GELU MLP, tied LM head), with
+  the modern variants as config switches: RMSNorm, SwiGLU, rotary positions (RoPE) and
+  grouped-query attention. Attention itself lives in ``minigpt.attention``.
+* Module and parameter names follow Hugging Face's GPT-2, so loading its weights is a
+  rename plus a transpose.
+* ``GPT.forward`` validates shapes and dtypes in one call (``_check_inputs``) and never
+  waits for the device: token ids are not range-checked here (that would be a
+  device-to-host sync per step); the data loader, ``generate`` and the CLI check them.
+* The trunk computes positions, rotary angles and the decoding mask once per forward and
+  hands them to every block; ``mask=None`` means plain causal attention.
+* A KV cache is passed down to each attention layer, which stores its keys and values
+  with one call; the model advances the cache after the last layer.
 """
 
 from __future__ import annotations
@@ -436,17 +446,6 @@ class GPT(nn.Module):
         """
         T = self.config.block_size if seq_len is None else seq_len
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, **download_kwargs) -> GPT:
-        """Released GPT-2 weights ("gpt2" ... "gpt2-xl", a hub id, or a local directory).
-
-        The loading code lives in ``minigpt.pretrained`` (chapter 8), which builds on this
-        module; this is a shortcut to ``minigpt.pretrained.from_pretrained``.
-        """
-        from minigpt.pretrained import from_pretrained  # pretrained imports model, not back
-
-        return from_pretrained(name_or_dir, **download_kwargs)
 
     @torch.no_grad()
     def crop_block_size(self, block_size: int) -> None:
