@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from minigpt.attention import (
     apply_rope,
     attention_weights,
+    decode_mask,
+    repeat_kv,
     rope_cos_sin,
     scaled_dot_product_attention,
+    torch_attention,
 )
 
 
@@ -124,3 +127,29 @@ def test_rope_per_sequence_positions_broadcast_over_heads():
     for b in range(2):
         cb, sb = rope_cos_sin(pos[b], 8)
         torch.testing.assert_close(y[b], apply_rope(x[b], cb, sb))
+
+
+@pytest.mark.parametrize("H_kv", [3, 1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_attention_equals_scratch_with_gqa_and_dropout_off(H_kv, causal):
+    q, _, _ = qkv(H=3, L=4, S=6)
+    _, k, v = qkv(H=H_kv, L=4, S=6, seed=2)
+    mask = None if causal else decode_mask(2, 4)
+    kw = dict(is_causal=mask is None, enable_gqa=H_kv != 3)
+    torch.testing.assert_close(torch_attention(q, k, v, mask, **kw),
+                               scaled_dot_product_attention(q, k, v, mask, **kw))
+
+
+def test_repeat_kv_repeats_each_head_for_its_group():
+    k = torch.arange(2.0).view(1, 2, 1, 1).expand(1, 2, 3, 4)   # head h holds h
+    assert repeat_kv(k, 6)[0, :, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]
+    assert repeat_kv(k, 2) is k
+
+
+def test_decode_mask_lets_query_i_see_the_past_and_itself():
+    assert decode_mask(0, 5) is None  # nothing cached: plain causal attention
+    assert decode_mask(3, 1).tolist() == [[True] * 4]
+    assert decode_mask(2, 2).tolist() == [[True, True, True, False], [True] * 4]
+    # the same as the bottom-right corner of a causal mask over past + new positions
+    full = torch.ones(7, 7, dtype=torch.bool).tril()
+    torch.testing.assert_close(decode_mask(4, 3), full[4:])

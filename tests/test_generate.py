@@ -249,11 +249,10 @@ def test_kv_cache_reorder_and_mask():
         fresh = model(torch.tensor([[7, 8, 9, 1], [7, 8, 9, 2], [1, 2, 3, 3]]))[0]
     torch.testing.assert_close(step[:, -1], fresh[:, -1], rtol=1e-5, atol=1e-5)
     assert cache.length == 4
-    assert cache.mask(1) == (None, False)  # one new query sees every cached slot
-    mask, causal = cache.mask(2)
-    assert not causal and mask.tolist() == [[True] * 5 + [False], [True] * 6]
+    assert cache.mask(1).tolist() == [[True] * 5]  # one new query sees every cached slot
+    assert cache.mask(2).tolist() == [[True] * 5 + [False], [True] * 6]
     cache.reset()
-    assert cache.length == 0 and cache.mask(3) == (None, True)
+    assert cache.length == 0 and cache.mask(3) is None
     cache.advance(2)
     assert cache.length == 2
 

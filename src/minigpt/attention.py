@@ -1,9 +1,23 @@
 """Attention: scaled dot-product attention from scratch, rotary positions, the KV cache, and
 causal multi-head self-attention (chapter 3).
 
-``scaled_dot_product_attention`` is the teaching version, tested equal to
-``torch.nn.functional.scaled_dot_product_attention``; ``CausalSelfAttention`` uses the torch
-kernel on its fast path (``attn_impl="sdpa"``) and this one with ``attn_impl="scratch"``.
+Design choices:
+
+* ``scaled_dot_product_attention`` is the teaching version, written with plain tensor
+  operations and tested equal to ``torch.nn.functional.scaled_dot_product_attention``;
+  ``CausalSelfAttention`` calls it with ``attn_impl="scratch"`` and torch's fused kernel
+  (``torch_attention``, same signature) otherwise. Both give the same outputs.
+* Masks follow torch: boolean (True = may attend) or additive float; ``is_causal`` is
+  top-left aligned. Inside the model ``mask=None`` means "causal"; only decoding with a
+  filled KV cache needs an explicit mask (``decode_mask``).
+* Grouped-query attention stores ``n_kv_head`` key/value heads; ``repeat_kv`` repeats them
+  for their groups of query heads where a kernel cannot share them itself.
+* Rotary positions (``rope_cos_sin``, ``apply_rope``) turn q and k after the projection;
+  the model computes the angles once per forward and hands them to every layer.
+* Each attention layer talks to the KV cache through one call with its ``layer_idx``;
+  the cache owns its buffers.
+* Argument checks live in small ``_check_*`` helpers, so the displayed functions show the
+  algorithm.
 """
 
 from __future__ import annotations
@@ -18,8 +32,15 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from minigpt.model import GPTConfig
 
+Rope = tuple[Tensor, Tensor]  # (cos, sin) from rope_cos_sin, shape (T, D/2) or (B, T, D/2)
+
 # torch >= 2.5 repeats key/value heads inside its SDPA kernel (grouped-query attention).
 _TORCH_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _check_mask(mask: Tensor | None, is_causal: bool) -> None:
+    if is_causal and mask is not None:
+        raise ValueError("pass either mask or is_causal=True, not both (as torch's SDPA)")
 
 
 def attention_weights(
@@ -29,25 +50,30 @@ def attention_weights(
     is_causal: bool = False,
     scale: float | None = None,
 ) -> Tensor:
-    """softmax(q k^T * scale + mask) over the keys: shape (..., L, S), each row sums to 1.
+    """softmax(q k^T * scale + mask) over the keys: (..., L, S), each row sums to 1.
 
-    ``mask`` is boolean (True means "may attend", as in torch's SDPA) or an additive float mask;
-    ``is_causal`` lets query i see keys 0..i (top-left aligned, like torch). ``scale`` defaults to
-    1/sqrt(head_dim).
+    q: (..., L, D), k: (..., S, D). ``mask`` is boolean (True = may attend, as in
+    torch's SDPA) or additive (float); ``is_causal`` lets query i see keys 0..i
+    (top-left aligned, like torch). ``scale`` defaults to 1/sqrt(D).
     """
-    if is_causal and mask is not None:
-        raise ValueError("pass either mask or is_causal=True, not both (as torch's SDPA)")
+    _check_mask(mask, is_causal)
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = (q @ k.transpose(-2, -1)) * scale                  # (..., L, S)
     if is_causal:
         L, S = scores.shape[-2:]
         mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask
-    return torch.softmax(scores, dim=-1)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))      # blocked: weight 0
+    elif mask is not None:
+        scores = scores + mask                                  # additive mask
+    return torch.softmax(scores, dim=-1)                        # over the keys
+
+
+def repeat_kv(x: Tensor, n_head: int) -> Tensor:
+    """Grouped-query attention: repeat each of the H_kv heads of x (..., H_kv, S, D) for
+    its group of n_head / H_kv consecutive query heads, giving (..., n_head, S, D)."""
+    groups = n_head // x.size(-3)
+    return x if groups == 1 else x.repeat_interleave(groups, dim=-3)
 
 
 def scaled_dot_product_attention(
@@ -60,19 +86,54 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     enable_gqa: bool = False,
 ) -> Tensor:
-    """Attention from scratch: softmax(q k^T / sqrt(d) + mask) v, same semantics as torch's SDPA.
+    """Attention from scratch: softmax(q k^T / sqrt(D) + mask) v, as torch's SDPA.
 
-    q: (..., H, L, D), k and v: (..., H_kv, S, D). With ``enable_gqa`` each key/value head serves
-    H / H_kv consecutive query heads (grouped-query attention); otherwise H_kv must equal H.
+    q: (..., H, L, D), k and v: (..., H_kv, S, D). With ``enable_gqa`` each key/value
+    head serves H / H_kv consecutive query heads (grouped-query attention); otherwise
+    H_kv must equal H.
     """
-    if enable_gqa and k.size(-3) != q.size(-3):
-        groups = q.size(-3) // k.size(-3)
-        k = k.repeat_interleave(groups, dim=-3)
-        v = v.repeat_interleave(groups, dim=-3)
-    weights = attention_weights(q, k, mask, is_causal, scale)
+    if enable_gqa:
+        k, v = repeat_kv(k, q.size(-3)), repeat_kv(v, q.size(-3))   # (..., H, S, D)
+    weights = attention_weights(q, k, mask, is_causal, scale)       # (..., H, L, S)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
-    return weights @ v
+    return weights @ v                                              # (..., H, L, D)
+
+
+def torch_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """torch's fused ``F.scaled_dot_product_attention`` behind the signature of
+    ``scaled_dot_product_attention`` (the model's fast path); repeats the key/value heads
+    itself on torch < 2.5, whose kernel cannot share them."""
+    extra = {}
+    if enable_gqa and _TORCH_SDPA_GQA:
+        extra["enable_gqa"] = True
+    elif enable_gqa:
+        k, v = repeat_kv(k, q.size(-3)), repeat_kv(v, q.size(-3))
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra
+    )
+
+
+# GPTConfig.attn_impl -> the attention function CausalSelfAttention calls
+ATTENTION_IMPLS = {"sdpa": torch_attention, "scratch": scaled_dot_product_attention}
+
+
+def decode_mask(past: int, n_new: int, device: torch.device | str | None = None) -> Tensor | None:
+    """Boolean mask (n_new, past + n_new) for new queries after ``past`` cached tokens:
+    query i sits at slot past + i and may see slots 0 .. past + i. None when nothing is
+    cached: then plain causal attention (``is_causal=True``) is the same thing."""
+    if past == 0:
+        return None
+    return torch.ones(n_new, past + n_new, dtype=torch.bool, device=device).tril(past)
 
 
 def rope_cos_sin(
@@ -102,6 +163,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def split_heads(x: Tensor, n_head: int) -> Tensor:
+    """(B, T, n_head * D) -> (B, n_head, T, D): each head becomes a batch dimension (a view)."""
+    B, T, _ = x.shape
+    return x.view(B, T, n_head, -1).transpose(1, 2)
 
 
 def dropout_layer(p: float) -> nn.Module:
@@ -158,19 +225,9 @@ class KVCache:
                 "(sliding window), or build a larger cache"
             )
 
-    def mask(self, n_new: int, device: torch.device | str | None = None
-             ) -> tuple[Tensor | None, bool]:
-        """``(attn_mask, is_causal)`` for SDPA over the cache plus ``n_new`` new queries.
-
-        Empty cache: plain causal attention. One new query sees every slot (no mask).
-        Otherwise query i sits at slot ``length + i`` and sees slots 0 .. length + i.
-        """
-        if self.length == 0:
-            return None, True
-        if n_new == 1:
-            return None, False
-        ones = torch.ones(n_new, self.length + n_new, dtype=torch.bool, device=device)
-        return ones.tril(self.length), False
+    def mask(self, n_new: int, device: torch.device | str | None = None) -> Tensor | None:
+        """Mask for ``n_new`` queries after the cached tokens (``decode_mask``); None: causal."""
+        return decode_mask(self.length, n_new, device)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new keys/values (B, H_kv, T, D) of ``layer``; return all cached ones so far."""
@@ -191,74 +248,53 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Masked multi-head self-attention with a fused q/k/v projection (GPT-2's ``c_attn``).
+    """Masked multi-head self-attention, q/k/v from one fused projection (``c_attn``).
 
-    Supports grouped-query attention (``n_kv_head`` < ``n_head``: each key/value head is shared
-    by a group of query heads), rotary positions and a KV cache.
+    ``n_kv_head < n_head`` gives grouped-query attention: k and v get fewer heads, each
+    shared by a group of query heads. ``rope`` = (cos, sin) rotates q and k.
     """
 
     def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head = config.n_head
-        self.n_kv_head = config.kv_heads
-        self.head_dim = config.head_dim
-        self.attn_impl = config.attn_impl
+        self.layer_idx = layer_idx                  # this layer's slot in a KV cache
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.dropout = config.dropout
-        kv_dim = self.n_kv_head * self.head_dim
-        self.split_sizes = (config.n_embd, kv_dim, kv_dim)
-        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attend = ATTENTION_IMPLS[config.attn_impl]  # same function, two kernels
+        C, kv_dim = config.n_embd, self.n_kv_head * config.head_dim
+        self.split_sizes = (C, kv_dim, kv_dim)
+        self.c_attn = nn.Linear(C, C + 2 * kv_dim, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = dropout_layer(config.dropout)
 
-    def _qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Project x (B, T, C) to q (B, H, T, D) and k, v (B, H_kv, T, D), rotated if ``rope``."""
-        B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.split_sizes, dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
+    def heads(self, x: Tensor, rope: Rope | None = None) -> tuple[Tensor, ...]:
+        """Project x (B, T, C) to q (B, H, T, D) and k, v (B, H_kv, T, D)."""
+        q, k, v = self.c_attn(x).split(self.split_sizes, dim=2)    # (B, T, C|C_kv|C_kv)
+        q = split_heads(q, self.n_head)                             # (B, H, T, D)
+        k, v = split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
+        if rope is not None:                                        # rotary positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
 
     def forward(
         self,
         x: Tensor,
-        rope: tuple[Tensor, Tensor] | None = None,
+        rope: Rope | None = None,
         kv_cache: KVCache | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
+        """x (B, T, C) -> (B, T, C); mask None means causal (see ``decode_mask``)."""
         B, T, C = x.shape
-        q, k, v = self._qkv(x, rope)
-        mask, is_causal = None, True
-        if kv_cache is not None:
-            past = kv_cache.length
+        q, k, v = self.heads(x, rope)               # project, split heads, rotate
+        if kv_cache is not None:                    # k, v: (B, H_kv, S, D), past + new
             k, v = kv_cache.update(self.layer_idx, k, v)
-            if past > 0:  # query i sits at slot past + i and may see slots 0 .. past + i
-                is_causal = False
-                if T > 1:
-                    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        dropout_p = self.dropout if self.training else 0.0
-        gqa = self.n_kv_head != self.n_head
-        if self.attn_impl == "scratch":
-            y = scaled_dot_product_attention(
-                q, k, v, mask, is_causal, dropout_p=dropout_p, enable_gqa=gqa
-            )
-        else:
-            if gqa and not _TORCH_SDPA_GQA:
-                groups = self.n_head // self.n_kv_head
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            extra = {"enable_gqa": True} if gqa and _TORCH_SDPA_GQA else {}
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **extra
-            )
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = self.attend(q, k, v, mask, is_causal=mask is None,
+                        dropout_p=self.dropout if self.training else 0.0,
+                        enable_gqa=self.n_kv_head != self.n_head)   # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)      # merge the heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     @torch.no_grad()
-    def attention_map(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """The causal attention weights (B, H, T, T) this layer computes for its input x."""
-        q, k, _ = self._qkv(x, rope)
-        if self.n_kv_head != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        return attention_weights(q, k, is_causal=True)
+    def attention_map(self, x: Tensor, rope: Rope | None = None) -> Tensor:
+        """The causal attention weights (B, H, T, T) of this layer for its input x."""
+        q, k, _ = self.heads(x, rope)
+        return attention_weights(q, repeat_kv(k, self.n_head), is_causal=True)

@@ -10,9 +10,18 @@ plain tensor operations, in the numerically stable form that libraries use:
 * log-softmax uses the log-sum-exp identity, so no probability is ever rounded to 0 and
   then passed to ``log``.
 
-Everything is differentiable with autograd and is tested equal to ``torch.softmax``,
-``torch.log_softmax`` and ``torch.nn.functional.cross_entropy`` (``tests/test_functional.py``).
-Training code uses the library versions, which are fused and faster.
+Design choices:
+
+* Everything is differentiable with autograd and is tested equal to ``torch.softmax``,
+  ``torch.log_softmax`` and ``torch.nn.functional.cross_entropy``
+  (``tests/test_functional.py``). Training code uses the library versions, which are
+  fused and faster; these are the ones chapter 1 explains.
+* The shift by the maximum is detached: it does not change the result, so it needs no
+  gradient.
+* Argument checks live in ``_check_*`` helpers called on the first line, so that each
+  displayed function shows only its formula. ``cross_entropy`` checks that the targets are
+  in the vocabulary (a device sync), which is fine for a teaching function; the model's
+  training path does not call it.
 """
 
 from __future__ import annotations
@@ -31,42 +40,32 @@ def _check_floating(x: torch.Tensor, name: str) -> None:
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax along ``dim``: ``exp(x_i) / sum_j exp(x_j)``, computed as ``exp(x_i - max x)``.
+    """Softmax along ``dim``: ``exp(x_i) / sum_j exp(x_j)``, as ``exp(x_i - max x) / ...``.
 
-    Entries equal to ``-inf`` get probability 0 (as in an attention mask); a slice whose
-    entries are all ``-inf`` has no distribution and gives ``nan``, as ``torch.softmax`` does.
+    Entries equal to ``-inf`` get probability 0 (as in an attention mask); a slice
+    whose entries are all ``-inf`` has no distribution and gives ``nan``, as in torch.
     """
     _check_floating(x, "x")
     # The shift does not change the result, so it carries no gradient.
-    shifted = x - x.amax(dim=dim, keepdim=True).detach()
-    e = shifted.exp()
+    shifted = x - x.amax(dim=dim, keepdim=True).detach()   # largest entry is 0
+    e = shifted.exp()                                       # in (0, 1]: no overflow
     return e / e.sum(dim=dim, keepdim=True)
 
 
 def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Log of the softmax along ``dim``: ``x_i - logsumexp(x)``, never ``log`` of a rounded 0.
+    """Log of the softmax along ``dim``: ``x_i - logsumexp(x)``, never ``log`` of a 0.
 
-    ``logsumexp(x) = m + log(sum_j exp(x_j - m))`` with ``m = max x``, so the sum is at least 1.
+    ``logsumexp(x) = m + log(sum_j exp(x_j - m))`` with ``m = max x``: the sum is >= 1.
     """
     _check_floating(x, "x")
-    shifted = x - x.amax(dim=dim, keepdim=True).detach()
+    shifted = x - x.amax(dim=dim, keepdim=True).detach()   # x - m
     return shifted - shifted.exp().sum(dim=dim, keepdim=True).log()
 
 
-def cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Cross-entropy between ``softmax(logits)`` and the target ids: ``-log p(target)``.
-
-    ``logits`` has shape ``(N, V)`` or ``(B, T, V)`` (scores over a vocabulary of ``V``);
-    ``targets`` holds integer ids with the leading shape, ``(N,)`` or ``(B, T)``. Positions
-    whose target equals ``ignore_index`` contribute nothing (e.g. padding or prompt tokens).
-    ``reduction`` is ``"mean"`` (over the non-ignored positions), ``"sum"`` or ``"none"``
-    (per-position losses, 0 at ignored positions, shaped like ``targets``).
-    """
+def _check_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str
+) -> None:
+    """Raise a ValueError unless ``cross_entropy`` can use these arguments."""
     _check_floating(logits, "logits")
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits must have shape (N, V) or (B, T, V), got {tuple(logits.shape)}")
@@ -82,22 +81,38 @@ def cross_entropy(
         )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-    vocab = logits.shape[-1]
-    logp = log_softmax(logits.reshape(-1, vocab), dim=-1)
-    flat = targets.reshape(-1).long()
-    keep = flat != ignore_index
-    bad = keep & ((flat < 0) | (flat >= vocab))
+    vocab, flat = logits.shape[-1], targets.reshape(-1).long()
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
     if bool(bad.any()):
         raise ValueError(
             f"target id {int(flat[bad][0])} is outside the vocabulary 0..{vocab - 1} "
             f"(and is not ignore_index={ignore_index})"
         )
-    picked = logp.gather(1, torch.where(keep, flat, 0).unsqueeze(1)).squeeze(1)
-    nll = torch.where(keep, -picked, torch.zeros_like(picked))
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy between ``softmax(logits)`` and the target ids: ``-log p(target)``.
+
+    ``logits``: ``(N, V)`` or ``(B, T, V)``, scores over a vocabulary of ``V``;
+    ``targets``: integer ids of shape ``(N,)`` or ``(B, T)``. Positions whose target is
+    ``ignore_index`` count for nothing (padding, prompt tokens). ``reduction``:
+    ``"mean"`` (over the counted positions), ``"sum"`` or ``"none"`` (per-position
+    losses shaped like ``targets``, 0 where ignored).
+    """
+    _check_cross_entropy(logits, targets, ignore_index, reduction)
+    logp = log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)   # (N, V)
+    flat = targets.reshape(-1).long()                                   # (N,)
+    keep = flat != ignore_index                                         # counted
+    safe = torch.where(keep, flat, 0).unsqueeze(1)                      # (N, 1)
+    picked = logp.gather(1, safe).squeeze(1)                            # log p(y)
+    nll = torch.where(keep, -picked, torch.zeros_like(picked))          # (N,)
     if reduction == "none":
         return nll.reshape(targets.shape)
     if reduction == "sum":
         return nll.sum()
-    # The mean is over the kept positions; with none kept it is 0/0 = nan, as in PyTorch.
-    return nll.sum() / keep.sum()
+    return nll.sum() / keep.sum()  # no position counted: 0/0 = nan, as in PyTorch

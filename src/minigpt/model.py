@@ -1,9 +1,19 @@
 """The GPT model: configuration, MLP, Transformer block, and the decoder-only stack (chapter 4).
 
-GPT-2 by default (learned positions, pre-LayerNorm blocks, GELU MLP, tied LM head), with the
-modern variants as config switches: RMSNorm, SwiGLU, rotary positions (RoPE) and grouped-query
-attention. Module and parameter names follow Hugging Face's GPT-2, so loading its weights is a
-rename plus a transpose. Attention itself lives in ``minigpt.attention``.
+Design choices:
+
+* GPT-2 by default (learned positions, pre-LayerNorm blocks, GELU MLP, tied LM head), with
+  the modern variants as config switches: RMSNorm, SwiGLU, rotary positions (RoPE) and
+  grouped-query attention. Attention itself lives in ``minigpt.attention``.
+* Module and parameter names follow Hugging Face's GPT-2, so loading its weights is a
+  rename plus a transpose.
+* ``GPT.forward`` validates shapes and dtypes in one call (``_check_inputs``) and never
+  waits for the device: token ids are not range-checked here (that would be a
+  device-to-host sync per step); the data loader, ``generate`` and the CLI check them.
+* The trunk computes positions, rotary angles and the decoding mask once per forward and
+  hands them to every block; ``mask=None`` means plain causal attention.
+* A KV cache is passed down to each attention layer, which stores its keys and values
+  with one call; the model advances the cache after the last layer.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from torch import Tensor, nn
 from minigpt.attention import (
     CausalSelfAttention,
     KVCache,
+    Rope,
     apply_rope,
     attention_weights,
     dropout_layer,
@@ -193,7 +204,7 @@ def param_count(config: GPTConfig, non_embedding: bool = True) -> int:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square normalisation (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * w."""
+    """Root-mean-square normalisation (Zhang & Sennrich 2019): x / rms(x) * weight."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -201,7 +212,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = x.float()                                      # (..., C), in float32
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.to(x.dtype) * self.weight
 
@@ -226,11 +237,11 @@ class MLP(nn.Module):
         self.dropout = dropout_layer(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.swiglu:  # silu(x W_gate) * (x W_fc), then W_proj
+        if self.swiglu:  # silu(x W_gate) * (x W_fc): (B, T, H)
             h = F.silu(self.c_gate(x)) * self.c_fc(x)
-        else:
+        else:            # gelu(x W_fc): (B, T, H), H = 4C for GPT-2
             h = F.gelu(self.c_fc(x), approximate="tanh")
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(h))                 # back to (B, T, C)
 
 
 class Block(nn.Module):
@@ -246,11 +257,16 @@ class Block(nn.Module):
     def forward(
         self,
         x: Tensor,
-        rope: tuple[Tensor, Tensor] | None = None,
+        rope: Rope | None = None,
         kv_cache: KVCache | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+        """x (B, T, C) -> (B, T, C); rope, kv_cache and mask go to the attention."""
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask)
         return x + self.mlp(self.ln_2(x))
+
+
+_ID_DTYPES = (torch.long, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 class GPT(nn.Module):
@@ -283,96 +299,6 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def _embed(self, idx: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
-        """Token embeddings (B, T, C) of idx, or the given inputs_embeds, after input checks."""
-        cfg = self.config
-        if (idx is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of idx (token ids) or inputs_embeds (vectors)")
-        if inputs_embeds is not None:
-            if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != cfg.n_embd:
-                raise ValueError(
-                    f"inputs_embeds must have shape (batch, time, {cfg.n_embd}), "
-                    f"got {tuple(inputs_embeds.shape)}"
-                )
-            return inputs_embeds
-        if idx.dim() != 2:
-            raise ValueError(
-                f"idx must have shape (batch, time), got {tuple(idx.shape)}; "
-                "for a single sequence use idx[None] (or idx.unsqueeze(0))"
-            )
-        if idx.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
-        if idx.numel():
-            lo, hi = (int(t) for t in torch.aminmax(idx))
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(
-                    f"token ids must be in [0, {cfg.vocab_size - 1}] "
-                    f"(vocab_size={cfg.vocab_size}), got min {lo}, max {hi}; "
-                    "check the tokenizer matches the model's vocabulary"
-                )
-        return self.transformer.wte(idx)
-
-    def _positions(
-        self, B: int, T: int, start: int, positions: Tensor | None, device: torch.device
-    ) -> Tensor:
-        """Positions (T,) or (B, T) of the current tokens, checked against the position table."""
-        cfg = self.config
-        if positions is None:
-            if cfg.pos_emb == "learned" and start + T > cfg.block_size:
-                raise ValueError(
-                    f"positions {start}..{start + T - 1} exceed block_size={cfg.block_size}: "
-                    "learned position embeddings stop there; keep at most block_size tokens "
-                    "(crop the context, or reset the KV cache and re-prefill the last tokens)"
-                )
-            return torch.arange(start, start + T, device=device)
-        if positions.shape not in ((T,), (B, T)):
-            raise ValueError(
-                f"positions must have shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}"
-            )
-        if positions.is_floating_point():
-            raise ValueError("positions must be integers")
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or (cfg.pos_emb == "learned" and hi >= cfg.block_size):
-            raise ValueError(
-                f"positions must be in [0, {cfg.block_size - 1}] for learned position embeddings "
-                f"(non-negative for RoPE), got min {lo}, max {hi}"
-            )
-        return positions
-
-    def _trunk(
-        self,
-        idx: Tensor | None,
-        inputs_embeds: Tensor | None,
-        kv_cache: KVCache | None,
-        positions: Tensor | None,
-    ) -> Tensor:
-        """Run embeddings, blocks and the final norm: (B, T, C) hidden states."""
-        x = self._embed(idx, inputs_embeds)
-        B, T, _ = x.shape
-        if T == 0:
-            raise ValueError("the input sequence is empty (time dimension 0)")
-        start = 0
-        if kv_cache is not None:
-            kv_cache.check_append(B, T)
-            start = kv_cache.length
-        elif T > self.config.block_size:
-            raise ValueError(
-                f"sequence length {T} exceeds block_size={self.config.block_size}; "
-                "crop the input to its last block_size tokens, e.g. idx[:, -block_size:]"
-            )
-        pos = self._positions(B, T, start, positions, x.device)
-        rope = None
-        if self.config.pos_emb == "learned":
-            x = x + self.transformer.wpe(pos)
-        else:
-            rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, rope, kv_cache)
-        if kv_cache is not None:
-            kv_cache.length += T
-        return self.transformer.ln_f(x)
-
     def forward(
         self,
         idx: Tensor | None,
@@ -383,30 +309,129 @@ class GPT(nn.Module):
         positions: Tensor | None = None,
         last_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, vocab_size) for token ids idx (B, T), and the loss if targets are given.
+        """Logits (B, T, V) for token ids idx (B, T), and the loss if targets are given.
 
-        The loss is the mean cross-entropy over target positions that are not -100.
-        ``inputs_embeds`` (B, T, C) replaces the token embeddings (prompt tuning); ``positions``
-        (T,) or (B, T) overrides the default positions (cache length + 0..T-1); ``kv_cache``
-        appends the new keys/values and attends to the cached ones; ``last_only`` returns
-        logits for the last position only, (B, 1, vocab_size) (for generation).
+        Token ids must lie in [0, vocab_size): they are not range-checked here, because
+        the check would wait for the device on every step; the data loader, ``generate``
+        and the CLI check them. The loss is the mean cross-entropy over the targets that
+        are not -100. ``inputs_embeds`` (B, T, C) replaces the token embeddings (prompt
+        tuning); ``positions`` (T,) or (B, T) replaces the default positions (cache
+        length + 0..T-1); ``kv_cache`` appends the new keys/values and attends to the
+        cached ones; ``last_only`` gives the logits of the last position only.
         """
-        x = self._trunk(idx, inputs_embeds, kv_cache, positions)
+        self._check_inputs(idx, inputs_embeds, kv_cache, positions, targets, last_only)
+        x = self._trunk(idx, inputs_embeds, kv_cache, positions)    # (B, T, C)
         if last_only:
-            if targets is not None:
-                raise ValueError("last_only=True gives no loss; pass targets=None")
-            x = x[:, -1:, :]
-        logits = self.lm_head(x)
+            x = x[:, -1:, :]                                        # (B, 1, C)
+        logits = self.lm_head(x)                                    # (B, T, V)
         if targets is None:
             return logits, None
-        if targets.shape != logits.shape[:2]:
+        V = logits.size(-1)
+        loss = F.cross_entropy(logits.view(-1, V), targets.reshape(-1),
+                               ignore_index=-100)           # mean over targets != -100
+        return logits, loss
+
+    def _trunk(
+        self,
+        idx: Tensor | None,
+        inputs_embeds: Tensor | None,
+        kv_cache: KVCache | None,
+        positions: Tensor | None,
+    ) -> Tensor:
+        """Embeddings, the blocks and the final norm: (B, T, C) hidden states."""
+        x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        past = 0 if kv_cache is None else kv_cache.length      # tokens already cached
+        if positions is None:
+            positions = torch.arange(past, past + T, device=x.device)   # (T,)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(positions)            # (B, T, C) + (T, C)
+        else:                                                  # cos, sin: (T, D/2)
+            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
+                                x.dtype)
+        mask = None if kv_cache is None else kv_cache.mask(T, x.device)  # None: causal
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_cache, mask)
+        if kv_cache is not None:
+            kv_cache.advance(T)                                # now cached too
+        return self.transformer.ln_f(x)
+
+    def _check_inputs(
+        self,
+        idx: Tensor | None,
+        inputs_embeds: Tensor | None,
+        kv_cache: KVCache | None,
+        positions: Tensor | None,
+        targets: Tensor | None = None,
+        last_only: bool = False,
+    ) -> None:
+        """Raise a ValueError for inputs ``forward`` cannot use (shapes and dtypes only:
+        nothing here waits for the device, except explicit ``positions``)."""
+        B, T = self._check_tokens(idx, inputs_embeds)
+        if T == 0:
+            raise ValueError("the input sequence is empty (time dimension 0)")
+        if kv_cache is not None:
+            kv_cache.check_append(B, T)
+        elif T > self.config.block_size:
             raise ValueError(
-                f"targets must have shape {tuple(logits.shape[:2])} (one id per input position), "
+                f"sequence length {T} exceeds block_size={self.config.block_size}; crop "
+                "the input to its last block_size tokens, e.g. idx[:, -block_size:]"
+            )
+        past = 0 if kv_cache is None else kv_cache.length
+        self._check_positions(B, T, past, positions)
+        if targets is not None and last_only:
+            raise ValueError("last_only=True gives no loss; pass targets=None")
+        if targets is not None and tuple(targets.shape) != (B, T):
+            raise ValueError(
+                f"targets must have shape {(B, T)} (one id per input position), "
                 f"got {tuple(targets.shape)}"
             )
-        V = logits.size(-1)
-        loss = F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+
+    def _check_tokens(self, idx: Tensor | None, inputs_embeds: Tensor | None) -> tuple[int, int]:
+        """Check the shape and dtype of idx (B, T) or inputs_embeds (B, T, C); return B, T."""
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of idx (token ids) or inputs_embeds (vectors)")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != self.config.n_embd:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, time, {self.config.n_embd}), "
+                    f"got {tuple(inputs_embeds.shape)}"
+                )
+            return inputs_embeds.shape[0], inputs_embeds.shape[1]
+        if idx.dim() != 2:
+            raise ValueError(
+                f"idx must have shape (batch, time), got {tuple(idx.shape)}; "
+                "for a single sequence use idx[None] (or idx.unsqueeze(0))"
+            )
+        if idx.dtype not in _ID_DTYPES:
+            raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        return idx.shape[0], idx.shape[1]
+
+    def _check_positions(self, B: int, T: int, past: int, positions: Tensor | None) -> None:
+        """Positions must fit the learned position table (RoPE needs no table)."""
+        cfg = self.config
+        if positions is None:
+            if cfg.pos_emb == "learned" and past + T > cfg.block_size:
+                raise ValueError(
+                    f"positions {past}..{past + T - 1} exceed block_size={cfg.block_size}: "
+                    "learned position embeddings stop there; keep at most block_size tokens "
+                    "(crop the context, or reset the KV cache and re-prefill the last tokens)"
+                )
+            return
+        if positions.shape not in ((T,), (B, T)):
+            raise ValueError(
+                f"positions must have shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}"
+            )
+        if positions.is_floating_point():
+            raise ValueError("positions must be integers")
+        lo, hi = int(positions.min()), int(positions.max())  # explicit positions only
+        if lo < 0 or (cfg.pos_emb == "learned" and hi >= cfg.block_size):
+            raise ValueError(
+                f"positions must be in [0, {cfg.block_size - 1}] for learned position embeddings "
+                f"(non-negative for RoPE), got min {lo}, max {hi}"
+            )
 
     def hidden_states(
         self,
@@ -416,6 +441,7 @@ class GPT(nn.Module):
         positions: Tensor | None = None,
     ) -> Tensor:
         """The final hidden states (B, T, C), after ``ln_f`` (input of classification heads)."""
+        self._check_inputs(idx, inputs_embeds, None, positions)
         return self._trunk(idx, inputs_embeds, None, positions)
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -432,12 +458,12 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token at context length ``seq_len``.
 
-        6N for the weights (N = ``num_params()``; each weight does a multiply-add, 2 FLOPs, in the
-        forward pass and twice that in the backward pass) plus 12 * n_layer * n_embd * seq_len
-        for the attention scores and weighted sums (q k^T and a v: 2 * 2 * n_embd * seq_len
-        FLOPs per token and layer forward, times 3 with backward), counting the full T x T
-        score matrix as Chowdhery et al. 2022 (PaLM, appendix B) do. ``seq_len`` defaults to
-        block_size.
+        6N for the weights (N = ``num_params()``; each weight does a multiply-add, 2
+        FLOPs, in the forward pass and twice that in the backward pass) plus
+        12 * n_layer * n_embd * seq_len for the attention scores and weighted sums
+        (q k^T and a v: 2 * 2 * n_embd * seq_len FLOPs per token and layer forward,
+        times 3 with backward), counting the full T x T score matrix as Chowdhery et
+        al. 2022 (PaLM, appendix B) do. ``seq_len`` defaults to block_size.
         """
         T = self.config.block_size if seq_len is None else seq_len
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
