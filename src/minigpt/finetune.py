@@ -21,8 +21,9 @@ Design choices:
 * Every method trains with ``minigpt.tuning.fit``, pretraining's optimisation step (decay
   groups, warm-up + cosine schedule, clipping); only the peak learning rate differs by method
   (``DEFAULT_LR``).
-* Validation lives in the config objects and at the command line; the displayed pieces
-  (``GPTClassifier``, the metrics) only compute.
+* Validation lives in the config objects, at the command line and in ``check_*``
+  functions; the pieces the book displays (``GPTClassifier``, the metrics) compute, with at
+  most one call to such a check.
 * Imports flow one way: this module imports ``instruct`` and ``tuning`` (for the command
   line), nothing imports it back except ``minigpt.cli``. The command saves an
   instruction-tuned model (LoRA merged into the weights) as a shipped-model directory that
