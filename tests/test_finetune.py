@@ -1,11 +1,18 @@
 """Fine-tuning: PEFT wrappers, the classification pipeline and instruction tuning (tiny models)."""
 
+import ast
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+import minigpt
 from minigpt import peft
+from minigpt.checkpoint import export_model, load_model
+from minigpt.cli import main as cli_main
 from minigpt.finetune import (
     ClassificationConfig,
     GPTClassifier,
@@ -13,6 +20,8 @@ from minigpt.finetune import (
     accuracy,
     confusion_matrix,
     deduplicate,
+    finetune_main,
+    load_base,
     load_sms_spam,
     make_classifier,
     pad_batch,
@@ -30,10 +39,14 @@ from minigpt.instruct import (
     evaluate_lm,
     format_alpaca,
     format_chat,
+    load_instructions,
     masked_lm_loss,
     run_instruction,
 )
 from minigpt.model import GPT, GPTConfig
+from minigpt.optim import lr_at
+from minigpt.tokenizer import CharTokenizer
+from minigpt.tuning import FitConfig, fit
 
 CFG = GPTConfig(vocab_size=64, block_size=32, n_layer=3, n_head=2, n_embd=16)
 C = CFG.n_embd
@@ -301,31 +314,30 @@ def test_run_instruction_lowers_the_response_loss(base):
     entries = [{"instruction": f"Say {w}.", "input": "", "output": w}
                for w in ["abc", "abd", "abe", "acd"] * 10]
     encode = lambda s: [ord(c) % 60 for c in s]  # noqa: E731
-    cfg = InstructionConfig(template="chat", epochs=3, batch_size=8, lr=3e-3, max_len=31)
+    cfg = InstructionConfig(template="chat", epochs=3, batch_size=8, lr=1e-2, max_len=31)
     result = run_instruction(base, encode, 63, cfg, entries=entries)
     assert result["after"]["loss"] < result["before"]["loss"] - 1.0
     assert result["train_examples"] == 34
 
 
-def test_cli_runs_and_records_its_command(tmp_path):
-    import json
-
-    from minigpt.checkpoint import export_model
-    from minigpt.finetune import finetune_main, load_base
-    from minigpt.instruct import load_instructions
-    from minigpt.tokenizer import CharTokenizer
-
+@pytest.fixture(scope="module")
+def shipped_base(tmp_path_factory):
+    """A tiny exported model whose character tokenizer covers the SMS and instruction data."""
     corpus = "\n".join(t for t, _ in load_sms_spam()) + json.dumps(load_instructions(),
                                                                   ensure_ascii=False)
     tok = CharTokenizer.from_text(corpus)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2,
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
                           n_embd=16))
-    export_model(model, tok, tmp_path / "base")
-    loaded, tokenizer, eos = load_base(tmp_path / "base")
+    return export_model(model, tok, tmp_path_factory.mktemp("base") / "base"), tok
+
+
+def test_cli_runs_and_records_its_command(shipped_base, tmp_path):
+    base_dir, tok = shipped_base
+    loaded, tokenizer, eos = load_base(base_dir)
     assert eos == 0 and tokenizer.encode("hi") == tok.encode("hi")
     out = tmp_path / "spam.json"
-    argv = ["classify", "--base", str(tmp_path / "base"), "--methods", "head", "lora",
+    argv = ["classify", "--base", str(base_dir), "--methods", "head", "lora",
             "--epochs", "1", "--train-limit", "32", "--test-limit", "64", "--max-len", "16",
             "--out", str(out)]
     assert finetune_main(argv) == 0
@@ -334,10 +346,130 @@ def test_cli_runs_and_records_its_command(tmp_path):
     assert [r["method"] for r in record["results"]] == ["head", "lora"]
     assert record["results"][0]["trainable_params"] == 16 * 2 + 2
     assert record["results"][1]["test"]["n"] == record["results"][1]["val"]["n"] == 64
-    out = tmp_path / "sft.json"
-    assert finetune_main(["instruct", "--base", str(tmp_path / "base"), "--train-limit", "16",
-                          "--template", "chat", "--max-len", "255", "--epochs", "1",
-                          "--test-limit", "16",
+    assert record["results"][1]["fit"] == {**vars(FitConfig(lr=3e-3)), "betas": [0.9, 0.999]}
+
+
+def test_cli_instruct_clamps_max_len_and_saves_a_loadable_model(shipped_base, tmp_path,
+                                                                 capsys):
+    base_dir, tok = shipped_base
+    saved, out = tmp_path / "sft", tmp_path / "sft.json"
+    # no --max-len: the default (256) is longer than this model's context (64)
+    assert finetune_main(["instruct", "--base", str(base_dir), "--train-limit", "16",
+                          "--template", "chat", "--epochs", "1", "--lr", "1e-2",
+                          "--test-limit", "8", "--lora-rank", "2", "--save", str(saved),
                           "--out", str(out)]) == 0
     result = json.loads(out.read_text())["results"][0]
+    assert result["config"]["max_len"] == 64 and result["lora_rank"] == 2
     assert result["train_examples"] == 16 and result["after"]["loss"] < result["before"]["loss"]
+    model, tokenizer = load_model(saved)  # a plain GPT: LoRA merged into the weights
+    base, _ = load_model(base_dir)
+    assert model.state_dict().keys() == base.state_dict().keys()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+                           for k in changed)
+    assert tokenizer.encode("hi") == tok.encode("hi")
+    assert json.loads((saved / "finetune.json").read_text())["results"][0]["lora_rank"] == 2
+    capsys.readouterr()
+    assert cli_main(["sample", "--checkpoint", str(saved), "--prompt", "User: hi",
+                     "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("User: hi")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(t for t, _ in load_sms_spam()[:300]), encoding="utf-8")
+    assert cli_main(["eval", "--checkpoint", str(saved), "--dataset", str(text)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["val_loss"] > 0
+
+
+def test_cli_rejects_bad_requests_in_one_line(shipped_base, tmp_path, capsys):
+    base_dir, _ = shipped_base
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_main(["classify", "--base", str(base_dir), "--save", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "--save is for instruct" in capsys.readouterr().err
+    assert finetune_main(["classify", "--base", str(tmp_path / "missing"), "--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ the shared fit loop
+class Probe(nn.Module):
+    """A Linear (decayed), a LayerNorm (not decayed) and a frozen Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.ln, self.frozen = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.frozen(self.ln(self.fc(x)))
+
+
+def test_fit_decays_only_linear_weights_along_the_schedule():
+    torch.manual_seed(0)
+    model = Probe()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # zero gradients: Adam's update is 0, so each step only applies p *= 1 - lr_t * wd
+    batches = [torch.randn(2, 4) for _ in range(8)]
+    cfg = FitConfig(lr=0.5, weight_decay=0.2, warmup=0.25, min_lr=0.1)
+    losses = fit(model, batches, lambda m, x: (m(x) * 0).sum(), cfg)
+    assert losses == [0.0] * 8 and not model.training
+    shrink = 1.0
+    for it in range(8):
+        shrink *= 1 - lr_at(it, 0.5, 0.05, 2, 8) * 0.2
+    assert abs(shrink - (1 - 0.5 * 0.2) ** 8) > 0.05  # the schedule matters here
+    after = model.state_dict()
+    torch.testing.assert_close(after["fc.weight"], before["fc.weight"] * shrink)
+    for k in ("fc.bias", "ln.weight", "ln.bias", "frozen.weight", "frozen.bias"):
+        assert torch.equal(after[k], before[k]), k
+
+
+def test_fit_clips_gradients():
+    def run(grad_clip):
+        torch.manual_seed(0)
+        model = Probe()
+        w0 = model.fc.weight.detach().clone()
+        batches = [torch.randn(2, 4) for _ in range(3)]
+        cfg = FitConfig(lr=0.1, weight_decay=0.0, warmup=0.0, grad_clip=grad_clip)
+        fit(model, batches, lambda m, x: m(x).square().sum(), cfg)
+        return (model.fc.weight - w0).abs().max().item()
+
+    # clipped far below Adam's eps (1e-8), the steps nearly vanish; unclipped, ~lr each
+    assert run(0.0) > 0.1 and run(1e-12) < 0.01
+
+
+def test_fit_config_is_checked_when_made():
+    with pytest.raises(ValueError, match="bad FitConfig value for warmup, grad_clip"):
+        FitConfig(warmup=1.0, grad_clip=-1)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fit(peft.freeze(Probe()), [torch.randn(2, 4)], lambda m, x: m(x).sum())
+    with pytest.raises(ValueError, match="unknown method 'lorax'"):
+        ClassificationConfig(method="lorax")
+    with pytest.raises(ValueError, match="unknown template"):
+        InstructionConfig(template="yaml")
+
+
+def test_remove_lora_leaves_a_plain_model_with_the_same_outputs(base, idx):
+    lora = peft.add_lora(copy.deepcopy(base), rank=2, targets=("c_attn", "c_fc"))
+    with torch.no_grad():
+        for layer in lora.modules():
+            if isinstance(layer, peft.LoRALinear):
+                layer.lora_B.normal_()
+    adapted = lora(idx)[0]
+    plain = peft.remove_lora(lora)
+    assert not any(isinstance(m, peft.LoRALinear) for m in plain.modules())
+    assert plain.state_dict().keys() == base.state_dict().keys()
+    torch.testing.assert_close(plain(idx)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_fine_tuning_modules_import_one_way_at_the_top():
+    """No function imports a module; instruct and tuning never import finetune."""
+    src = Path(minigpt.__file__).parent
+    for name in ("finetune", "instruct", "peft", "optim", "tuning"):
+        tree = ast.parse((src / f"{name}.py").read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                nested = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                assert not nested, f"{name}.{fn.name} imports inside the function"
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {f"minigpt.{a.name}" for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.module == "minigpt" for a in n.names}
+        if name != "finetune":
+            assert "minigpt.finetune" not in imported, name

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from minigpt.optim import AdamW, clip_grad_norm, lr_at, param_groups
+from minigpt.optim import (
+    AdamW,
+    clip_grad_norm,
+    lr_at,
+    make_optimizer,
+    optimizer_step,
+    param_groups,
+)
 
 
 class Tiny(nn.Module):
@@ -130,3 +137,44 @@ def test_clip_grad_norm_equals_torch(max_norm):
 
 def test_clip_grad_norm_without_grads():
     assert clip_grad_norm([nn.Parameter(torch.ones(2))], 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("scratch", [False, True])
+def test_make_optimizer_groups_only_trainable_parameters(scratch):
+    m = Tiny()
+    m.emb.weight.requires_grad_(False)  # frozen, as peft leaves a base model
+    m.fc.weight.requires_grad_(False)
+    opt = make_optimizer(m, 1e-3, 0.1, (0.9, 0.95), scratch=scratch)
+    assert isinstance(opt, AdamW) == scratch
+    ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert ids == [{id(m.head.weight)}, {id(m.ln.weight), id(m.ln.bias), id(m.fc.bias)}]
+    assert all(g["lr"] == 1e-3 and g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_optimizer(m, 1e-3, 0.1)
+
+
+def test_optimizer_step_sets_lr_clips_and_zeroes_grads():
+    torch.manual_seed(0)
+    a, b, c = Tiny(), Tiny(), Tiny()
+    b.load_state_dict(a.state_dict())
+    c.load_state_dict(a.state_dict())
+    w0 = a.fc.weight.detach().clone()
+    opt_a = make_optimizer(a, 1.0, 0.0, scratch=True)
+    opt_b = AdamW(param_groups(b, 0.0), lr=0.25)
+    opt_c = make_optimizer(c, 1.0, 0.0, scratch=True)
+    for model in (a, b, c):
+        _loss(model, 0).backward()
+    # clipped to a global norm far below Adam's eps (1e-8), the first step nearly vanishes
+    optimizer_step(opt_a, 0.25, grad_clip=1e-12)
+    torch.nn.utils.clip_grad_norm_(b.parameters(), 1e-12)
+    opt_b.step()
+    optimizer_step(opt_c, 0.25, grad_clip=0.0)
+    assert all(g["lr"] == 0.25 for g in opt_a.param_groups)
+    assert all(p.grad is None for p in a.parameters())
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)
+    assert (c.fc.weight - w0).abs().max() > 0.2  # unclipped: about lr per weight
+    assert (a.fc.weight - w0).abs().max() < 0.01

@@ -6,10 +6,24 @@ response: every label that belongs to the prompt or to padding is -100, which
 ``F.cross_entropy(ignore_index=-100)`` leaves out of the mean, so those positions get no
 gradient. The chat template is the same idea with role markers, as for a customer-service
 assistant (the seed article's scenario) trained on question -> answer pairs.
+
+Design choices:
+
+* Labels are aligned with the ids (``encode_example``); ``collate`` alone shifts them by one,
+  so the off-by-one of next-token prediction lives in one place.
+* Examples are validated where they enter (``check_examples``, called by ``collate``);
+  examples whose prompt leaves no response token within ``max_len`` are dropped before
+  training (``encode_entries``), never trained on as all-masked rows.
+* ``max_len`` is clamped to the model's context, so a default that is longer than a small
+  model's context never fails.
+* Training is ``minigpt.tuning.fit``: the optimisation step of pretraining, with its schedule,
+  decay groups and clipping. This module does not import ``minigpt.finetune`` (which imports
+  this one for its command line).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -23,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigpt.data import path as dataset_path
-from minigpt.finetune import fit
+from minigpt.tuning import FitConfig, fit
 
 IGNORE = -100  # label of positions that are not trained on (prompt and padding)
 Entry = dict  # {"instruction": str, "input": str, "output": str}
@@ -71,22 +85,28 @@ def encode_example(prompt: str, response: str, encode: Callable[[str], list[int]
     return p + r, [IGNORE] * len(p) + r
 
 
-def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int,
-            max_len: int) -> tuple[Tensor, Tensor]:
-    """Inputs (B, T) and next-token targets (B, T) for a batch of (ids, labels) examples.
-
-    Each example is cut to ``max_len + 1`` tokens, inputs are ids[:-1] and targets labels[1:];
-    rows are right-padded to the longest with ``pad_id`` (inputs) and -100 (targets).
-    """
+def check_examples(batch: Sequence[tuple[list[int], list[int]]]) -> None:
+    """Raise ``ValueError`` unless ``batch`` is a non-empty list of equally long (ids, labels)
+    pairs of at least 2 tokens each."""
     if not batch:
         raise ValueError("empty batch")
-    rows = []
     for ids, labels in batch:
         if len(ids) != len(labels):
             raise ValueError(f"ids and labels differ in length: {len(ids)} != {len(labels)}")
         if len(ids) < 2:
             raise ValueError("an example needs at least 2 tokens (one input, one target)")
-        rows.append((ids[: max_len + 1], labels[: max_len + 1]))
+
+
+def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int,
+            max_len: int) -> tuple[Tensor, Tensor]:
+    """Inputs (B, T) and next-token targets (B, T) for (ids, labels) examples.
+
+    Each example is cut to ``max_len + 1`` tokens; inputs are ids[:-1], targets
+    labels[1:].
+    Rows are right-padded to the longest: inputs with ``pad_id``, targets with -100.
+    """
+    check_examples(batch)
+    rows = [(ids[: max_len + 1], labels[: max_len + 1]) for ids, labels in batch]
     T = max(len(ids) - 1 for ids, _ in rows)
     inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), T), IGNORE, dtype=torch.long)
@@ -102,6 +122,7 @@ def masked_lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The masked next-token loss of ``model`` on one collated batch (``fit``'s ``loss_fn``)."""
     inputs, targets = batch
     logits, _ = model(inputs)
     return masked_lm_loss(logits, targets)
@@ -165,11 +186,19 @@ class InstructionConfig:
     template: str = "alpaca"
     epochs: int = 1
     batch_size: int = 8
-    lr: float = 1e-4
-    max_len: int = 256  # tokens per example (longer ones are cut)
+    lr: float = 1e-4  # peak learning rate (tuning.FitConfig: warm-up, cosine, decay groups)
+    max_len: int = 256  # tokens per example (longer ones are cut); at most the model's context
     train_limit: int | None = None
     test_limit: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"unknown template {self.template!r}; choose one of "
+                             f"{list(TEMPLATES)}")
+        if min(self.epochs, self.batch_size, self.max_len) < 1:
+            raise ValueError("epochs, batch_size and max_len must be >= 1, got "
+                             f"{self.epochs}, {self.batch_size}, {self.max_len}")
 
 
 def run_instruction(model: nn.Module, encode: Callable[[str], list[int]], eos_id: int,
@@ -177,10 +206,10 @@ def run_instruction(model: nn.Module, encode: Callable[[str], list[int]], eos_id
                     progress: bool = False) -> dict:
     """Instruction-tune ``model`` in place (full fine-tuning, or whatever ``peft`` left trainable).
 
-    Evaluates the response loss on the test split before and after. Returns a result dict.
+    ``cfg.max_len`` is clamped to the model's context. Evaluates the response loss on the test
+    split before and after. Returns a result dict.
     """
-    if cfg.template not in TEMPLATES:
-        raise ValueError(f"unknown template {cfg.template!r}; choose one of {list(TEMPLATES)}")
+    cfg = dataclasses.replace(cfg, max_len=min(cfg.max_len, model.config.block_size))
     train, _, test = split_entries(load_instructions() if entries is None else entries,
                                    seed=0)
     template = TEMPLATES[cfg.template]
@@ -194,11 +223,12 @@ def run_instruction(model: nn.Module, encode: Callable[[str], list[int]], eos_id
     test_batches = lm_batches(data["test"], 16, eos_id, cfg.max_len)
     before = evaluate_lm(model, test_batches)
     torch.manual_seed(cfg.seed)
+    batches = [b for epoch in range(cfg.epochs) for b in lm_batches(
+        data["train"], cfg.batch_size, eos_id, cfg.max_len, seed=cfg.seed + epoch)]
+    fit_cfg = FitConfig(lr=cfg.lr)
     start = time.perf_counter()
-    losses = fit(model, lambda epoch: lm_batches(data["train"], cfg.batch_size, eos_id,
-                                                 cfg.max_len, seed=cfg.seed + epoch),
-                 lm_loss, epochs=cfg.epochs, lr=cfg.lr, progress=progress)
+    losses = fit(model, batches, lm_loss, fit_cfg, progress=progress)
     seconds = time.perf_counter() - start
     return {"before": before, "after": evaluate_lm(model, test_batches), "losses": losses,
             "train_examples": len(data["train"]), "train_seconds": seconds,
-            "config": asdict(cfg)}
+            "config": asdict(cfg), "fit": asdict(fit_cfg)}

@@ -1,17 +1,25 @@
 """Optimisation pieces written from scratch: AdamW, the learning-rate schedule, gradient clipping.
 
-Each is tested equal to its PyTorch counterpart; training uses ``torch.optim.AdamW`` by default
-(fused / foreach kernels are faster) and this ``AdamW`` when asked for (``optimizer="scratch"``).
+Design choices:
 
-Weight decay: biases, normalisation weights and embeddings are NOT decayed (``param_groups``).
-nanoGPT decays every 2-D tensor, embeddings included; decaying an embedding pulls the rows of
-rare tokens towards zero only because they are rarely updated, which is not a prior we want.
+* Each from-scratch piece is tested equal to its PyTorch counterpart; ``make_optimizer`` builds
+  ``torch.optim.AdamW`` by default (fused / foreach kernels are faster) and this ``AdamW`` when
+  asked for (``scratch=True``).
+* Weight decay: biases, normalisation weights and embeddings are NOT decayed
+  (``param_groups``). nanoGPT decays every 2-D tensor, embeddings included; decaying an
+  embedding pulls the rows of rare tokens towards zero only because they are rarely updated,
+  which is not a prior we want. Frozen parameters (``requires_grad=False``, as the methods of
+  ``minigpt.peft`` leave the base) are in no group: the optimiser never sees them.
+* One optimisation step for everything: pretraining and fine-tuning both call
+  ``optimizer_step`` (set the scheduled rate, clip the global gradient norm, step, zero the
+  gradients), so the two loops cannot drift apart.
+* No ``minigpt`` imports: this module is the bottom of the package.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -136,3 +144,38 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
     for g in grads:
         g.detach().mul_(scale.to(g.dtype))
     return total
+
+
+def make_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: Sequence[float] = (0.9, 0.999),
+    *,
+    scratch: bool = False,
+) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups(model, weight_decay)``: torch's (fused if it can) or ours.
+
+    Only trainable parameters are optimised; raises ``ValueError`` if there are none.
+    """
+    groups = [g for g in param_groups(model, weight_decay) if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters (is everything frozen?)")
+    kw = dict(lr=lr, betas=(float(betas[0]), float(betas[1])), eps=1e-8)
+    if scratch:
+        return AdamW(groups, **kw)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, ValueError):  # no fused kernel for this device/dtype
+        return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float) -> None:
+    """One update from the accumulated gradients: set ``lr`` in every group, clip the global
+    gradient norm to ``grad_clip`` (0: no clipping), step, and zero the gradients."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if grad_clip > 0:
+        clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

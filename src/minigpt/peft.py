@@ -11,9 +11,17 @@ Each method wraps an existing model instance without touching ``minigpt.model``'
   (Houlsby et al. 2019): h + W_up gelu(W_down h), W_up zero-initialised;
 * ``PromptTuning`` prepends n learned vectors to the token embeddings (Lester et al. 2021).
 
-All of them freeze every pre-existing parameter. LoRA and adapters start as the identity
-(B = 0, W_up = 0), so the wrapped model computes exactly what the base model does until the first
-update. A classification head put on top (``minigpt.finetune.GPTClassifier``) is always trained.
+Design choices:
+
+* All of them freeze every pre-existing parameter (``requires_grad=False``); the optimiser
+  (``minigpt.optim.make_optimizer``) then sees only the new ones. A classification head put on
+  top (``minigpt.finetune.GPTClassifier``) is always trained.
+* LoRA and adapters start as the identity (B = 0, W_up = 0), so the wrapped model computes
+  exactly what the base model does until the first update.
+* ``remove_lora`` folds the updates in for good and puts the plain ``nn.Linear`` layers back:
+  the result is an ordinary ``GPT`` with the base model's parameter names, saved and loaded
+  like any other.
+* Arguments are checked where a wrapper is built; ``forward`` only computes.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
 
 
 def freeze_all_but_top(model: GPT, k: int) -> GPT:
-    """Freeze ``model`` except its top ``k`` Transformer blocks and the final norm ``ln_f``."""
+    """Freeze ``model`` except its top ``k`` Transformer blocks and the final norm."""
     n = len(model.transformer.h)
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}] (the model has {n} blocks), got {k}")
@@ -53,11 +61,12 @@ def freeze_all_but_top(model: GPT, k: int) -> GPT:
 
 
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update: y = W x + b + (alpha/r) B A x.
+    """A frozen ``nn.Linear`` plus a trainable low-rank update: Wx + b + (alpha/r) BAx.
 
-    A (rank, in) starts Kaiming-uniform random and B (out, rank) at zero, so the layer starts
-    equal to ``base``. For GPT-2's fused ``c_attn`` (q, k and v stacked, out = 3 C) one LoRA pair
-    gives a single rank-r update to the stacked matrix; Hu et al. adapt W_q and W_v separately.
+    A (rank, in) starts Kaiming-uniform random and B (out, rank) at zero, so the layer
+    starts equal to ``base``. For GPT-2's fused ``c_attn`` (q, k, v stacked: out = 3C)
+    one LoRA pair gives a single rank-r update to the stacked matrix; Hu et al. adapt
+    W_q and W_v separately.
     """
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0,
@@ -70,7 +79,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises weights
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear does
         self.dropout = nn.Dropout(dropout)
         self.merged = False
 
@@ -90,18 +99,19 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        return y + update * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + (alpha/r) B A: inference then costs exactly what the base layer costs."""
+        """W <- W + (alpha/r) B A: inference then costs what the base layer costs."""
         if not self.merged:
             self.base.weight += self.delta_weight()
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - (alpha/r) B A: back to base weights plus a separate update (to train on)."""
+        """W <- W - (alpha/r) B A: base weights plus a separate update again."""
         if self.merged:
             self.base.weight -= self.delta_weight()
             self.merged = False
@@ -110,14 +120,9 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
-             targets: tuple[str, ...] = ("attn.c_attn",), dropout: float = 0.0) -> nn.Module:
-    """Freeze ``model`` and wrap every ``nn.Linear`` whose name ends with a target in LoRA.
-
-    Targets are name suffixes: ``"attn.c_attn"`` (fused q/k/v), ``"attn.c_proj"``,
-    ``"mlp.c_fc"``, ``"mlp.c_proj"``, or just ``"c_proj"`` for both projections.
-    """
-    freeze(model)
+def check_lora_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Names of the ``nn.Linear`` layers whose names end with one of ``targets``; raise
+    ``ValueError`` (listing the model's linear layers) if there are none."""
     chosen = [name for name, m in model.named_modules()
               if isinstance(m, nn.Linear) and name.endswith(tuple(targets))]
     if not chosen:
@@ -125,10 +130,24 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
                           if isinstance(m, nn.Linear)})
         raise ValueError(f"no nn.Linear matches targets {targets}; the model's linear layers "
                          f"are named {linears}")
+    return chosen
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
+             targets: tuple[str, ...] = ("attn.c_attn",),
+             dropout: float = 0.0) -> nn.Module:
+    """Freeze ``model``; wrap every ``nn.Linear`` whose name ends with a target in LoRA.
+
+    Targets are name suffixes: ``"attn.c_attn"`` (fused q/k/v), ``"attn.c_proj"``,
+    ``"mlp.c_fc"``, ``"mlp.c_proj"``, or just ``"c_proj"`` for both projections.
+    """
+    chosen = check_lora_targets(model, targets)
+    freeze(model)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+        layer = LoRALinear(getattr(parent, child), rank, alpha, dropout)
+        setattr(parent, child, layer)
     return model
 
 
@@ -153,8 +172,26 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRA update and put the plain ``nn.Linear`` back, in place.
+
+    The result has the base model's parameter names (and no LoRA parameters), so it is saved
+    and loaded like the model ``add_lora`` started from.
+    """
+    for layer in _lora_layers(model):
+        layer.merge()
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, LoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer.base)
+    return model
+
+
 class Adapter(nn.Module):
-    """Houlsby et al.'s bottleneck: h + W_up gelu(W_down h + b_down) + b_up, W_up = 0 at start."""
+    """Houlsby et al.'s bottleneck: h + W_up gelu(W_down h + b_down) + b_up.
+
+    W_up and b_up start at zero, so the adapter starts as the identity map.
+    """
 
     def __init__(self, dim: int, bottleneck: int) -> None:
         super().__init__()
@@ -183,7 +220,7 @@ class Adapted(nn.Module):
 
 
 def add_adapters(model: GPT, bottleneck: int = 16, train_norms: bool = True) -> GPT:
-    """Freeze ``model``; put an ``Adapter`` after the attention and the MLP of every block.
+    """Freeze ``model``; put an ``Adapter`` after every block's attention and MLP.
 
     As Houlsby et al. do, the LayerNorms are trained too unless ``train_norms=False``.
     """
@@ -206,10 +243,11 @@ def add_adapters(model: GPT, bottleneck: int = 16, train_norms: bool = True) -> 
 class PromptTuning(nn.Module):
     """A frozen GPT behind ``n_prompt`` learned input vectors (a "soft prompt").
 
-    The prompt occupies positions 0..n_prompt-1 and the text follows it, so a text of T tokens
-    needs n_prompt + T <= block_size. The vectors start as the embeddings of randomly drawn
-    vocabulary tokens (Lester et al. found this better than random vectors). ``forward`` and
-    ``hidden_states`` return outputs for the text positions only, like the base model's.
+    The prompt occupies positions 0..n_prompt-1 and the text follows it, so a text of T
+    tokens needs n_prompt + T <= block_size. The vectors start as the embeddings of
+    randomly drawn vocabulary tokens (Lester et al. found this better than random
+    vectors). ``forward`` and ``hidden_states`` return outputs for the text positions
+    only, like the base model's.
     """
 
     def __init__(self, base: GPT, n_prompt: int, seed: int = 0) -> None:
@@ -226,24 +264,33 @@ class PromptTuning(nn.Module):
         return self.base.config
 
     def _inputs(self, idx: Tensor) -> Tensor:
-        P, T = self.prompt.size(0), idx.size(1)
-        if P + T > self.config.block_size:
-            limit = self.config.block_size
-            raise ValueError(f"{P} prompt vectors + {T} tokens exceed block_size={limit}; "
-                             f"truncate the text to at most {limit - P} tokens")
+        """The prompt vectors, then the token embeddings of ``idx``: (B, P + T, C)."""
+        check_prompt_room(self.prompt.size(0), idx.size(1), self.config.block_size)
         tokens = self.base.transformer.wte(idx)
-        return torch.cat([self.prompt.expand(idx.size(0), -1, -1).to(tokens.dtype), tokens], 1)
+        prompt = self.prompt.expand(idx.size(0), -1, -1).to(tokens.dtype)
+        return torch.cat([prompt, tokens], dim=1)
 
     def hidden_states(self, idx: Tensor) -> Tensor:
-        """Final hidden states (B, T, C) of the text tokens (the prompt's positions dropped)."""
+        """Final hidden states (B, T, C) of the text tokens (prompt dropped)."""
         hidden = self.base.hidden_states(None, inputs_embeds=self._inputs(idx))
         return hidden[:, self.prompt.size(0) :]
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, V) for the text tokens, and the language-model loss if targets given."""
+    def forward(self, idx: Tensor,
+                targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V) of the text tokens, and the LM loss if targets are given."""
         logits, _ = self.base(None, inputs_embeds=self._inputs(idx))
-        logits = logits[:, self.prompt.size(0):]
+        logits = logits[:, self.prompt.size(0) :]
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                               ignore_index=-100)
         return logits, loss
+
+
+def check_prompt_room(n_prompt: int, T: int, block_size: int) -> None:
+    """Raise ``ValueError`` unless a soft prompt of ``n_prompt`` vectors and ``T`` tokens fit
+    in the context."""
+    if n_prompt + T > block_size:
+        raise ValueError(f"{n_prompt} prompt vectors + {T} tokens exceed block_size="
+                         f"{block_size}; truncate the text to at most {block_size - n_prompt} "
+                         "tokens")
