@@ -144,9 +144,9 @@ OVERFLOWING = """() => {
 }"""
 
 # The width of 88 characters of code (the limit for the code the book shows) next to the width
-# a code cell's text has; null on a page without code cells.
+# a visible code cell's text has; null on a page without one.
 CODE_COLUMNS = """() => {
-  const pre = document.querySelector('div.cell_input pre');
+  const pre = [...document.querySelectorAll('div.cell_input pre')].find(p => p.clientWidth > 0);
   if (!pre) return null;
   const probe = document.createElement('span');
   probe.textContent = 'x'.repeat(88);
