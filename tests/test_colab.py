@@ -1,14 +1,24 @@
-"""The Colab setup cell that opens every chapter notebook.
+"""Every chapter notebook runs on Colab.
 
 Each notebook's first code cell is the same cell, ``COLAB_CELL``. Outside Colab it must do
 nothing; on Colab it clones the book's repository (the one ``_config.yml`` names, which is also
 where the Colab launch buttons point), installs it with ``pip install -e``, puts ``src`` on the
 path and moves into ``book/``. These tests simulate Colab without touching the network.
+
+After that cell a notebook may import only what Colab has: the standard library, minigpt and
+its dependencies (installed by the cell), and the packages Colab preinstalls. The book's own
+toolchain (jupyter-book, myst-nb, the test tools) is not there, so chapters glue numbers with
+``minigpt.book.glue``, which works without myst-nb. Two tests check the imports: one reads
+them from every notebook, one runs them in a Python where the book toolchain cannot be
+imported.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -17,6 +27,10 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from minigpt.book import glue
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -145,3 +159,153 @@ def test_the_clone_is_a_pip_installable_project_with_the_book():
     # One repository everywhere: the cell, the book's launch buttons, the package metadata.
     assert f'"{repository_url()}"' in COLAB_CELL
     assert project["urls"]["Homepage"] == repository_url()
+
+
+# --- imports that Colab can satisfy -----------------------------------------------------
+
+# Packages a Colab runtime preinstalls (its standard image), by import name.
+COLAB_PREINSTALLED = frozenset(
+    {"IPython", "huggingface_hub", "ipywidgets", "matplotlib", "numpy", "pandas", "PIL",
+     "requests", "safetensors", "scipy", "torch", "tqdm", "transformers", "yaml"}
+)  # fmt: skip
+# Installed here for building and testing the book, but not on Colab and not by the Colab
+# cell: a notebook that imports one of them stops on Colab with ModuleNotFoundError.
+BOOK_TOOLCHAIN = frozenset(
+    {"jupyter_book", "myst_nb", "myst_parser", "sphinx", "sphinx_book_theme", "nbval",
+     "pytest", "hypothesis", "ruff"}
+)  # fmt: skip
+
+
+def minigpt_dependencies() -> set[str]:
+    """Import names of the dependencies ``pip install -e`` installs with minigpt."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    names = (re.match(r"[A-Za-z0-9_.-]+", req)[0] for req in pyproject["project"]["dependencies"])
+    return {name.lower().replace("-", "_") for name in names}
+
+
+def notebook_imports(path: Path) -> list[ast.stmt]:
+    """Every ``import`` statement in the notebook's code cells (magics and ``!`` lines skipped)."""
+    statements = []
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        lines = [ln for ln in cell.source.splitlines() if not ln.lstrip().startswith(("%", "!"))]
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.Import | ast.ImportFrom) and not getattr(node, "level", 0):
+                statements.append(node)
+    return statements
+
+
+def top_level(statement: ast.stmt) -> set[str]:
+    if isinstance(statement, ast.ImportFrom):
+        return {statement.module.partition(".")[0]}
+    return {alias.name.partition(".")[0] for alias in statement.names}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_imports_only_what_colab_has(path):
+    allowed = set(sys.stdlib_module_names) | COLAB_PREINSTALLED | minigpt_dependencies()
+    allowed.add("minigpt")
+    missing = {
+        f"line {statement.lineno} of a cell: {ast.unparse(statement)}"
+        for statement in notebook_imports(path)
+        if not top_level(statement) <= allowed
+    }
+    assert not missing, (
+        f"{path.name} imports what Colab lacks (add it to the Colab cell's install, or to "
+        f"COLAB_PREINSTALLED if Colab ships it): {sorted(missing)}"
+    )
+
+
+# Runs in a fresh Python: hides the book toolchain from every import finder (so `import x`
+# raises ModuleNotFoundError and importlib.util.find_spec(x) is None, as where x is not
+# installed), then runs the import statements of every notebook; prints the failures as JSON.
+IMPORT_RUNNER = """
+import json, sys
+
+class Hide:
+    def __init__(self, finder):
+        self.finder = finder
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            return None
+        return self.finder.find_spec(name, path, target)
+    def __getattr__(self, attribute):
+        return getattr(self.finder, attribute)
+
+sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
+failures = {}
+for notebook, statements in NOTEBOOK_IMPORTS.items():
+    for statement in statements:
+        try:
+            exec(statement, {})
+        except Exception as error:
+            failures.setdefault(notebook, []).append(f"{statement}: {error!r}")
+print(json.dumps(failures))
+"""
+
+
+def test_notebook_imports_succeed_without_the_book_toolchain():
+    """The real imports, in a Python where jupyter-book, myst-nb, Sphinx, pytest... are absent."""
+    imports = {path.name: [ast.unparse(s) for s in notebook_imports(path)] for path in NOTEBOOKS}
+    script = (
+        f"BLOCKED = {sorted(BOOK_TOOLCHAIN)!r}\nNOTEBOOK_IMPORTS = {imports!r}\n" + IMPORT_RUNNER
+    )
+    path = [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    env.pop("MPLBACKEND", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT / "book", env=env, capture_output=True,
+        text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    failures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not failures, f"imports that fail without the book toolchain: {failures}"
+
+
+def test_the_import_runner_blocks_the_book_toolchain():
+    """The check above can fail: a notebook importing myst_nb is reported."""
+    script = "BLOCKED = ['myst_nb']\nNOTEBOOK_IMPORTS = {'x': ['import myst_nb']}\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script + IMPORT_RUNNER], capture_output=True, text=True,
+        timeout=120, check=True,
+    )  # fmt: skip
+    assert "No module named 'myst_nb'" in json.loads(result.stdout)["x"][0]
+
+
+# --- minigpt.book.glue: myst-nb's glue when installed, a plain display otherwise ---------
+
+
+@pytest.fixture
+def shell():
+    """An in-process IPython shell, so that display() output can be captured."""
+    return InteractiveShell.instance()
+
+
+def glued(shell, name: str, value, display: bool) -> list:
+    with capture_output() as captured:
+        glue(name, value, display=display)
+    return [(output.data, output.metadata) for output in captured.outputs]
+
+
+@pytest.mark.parametrize("display", [True, False])
+def test_glue_with_myst_nb_is_myst_nbs_glue(shell, display):
+    myst_nb = pytest.importorskip("myst_nb")
+    with capture_output() as captured:
+        myst_nb.glue("answer", 42, display=display)
+    expected = [(output.data, output.metadata) for output in captured.outputs]
+    outputs = glued(shell, "answer", 42, display)
+    assert outputs == expected
+    assert outputs[0][1]["scrapbook"]["name"] == "answer"
+
+
+def test_glue_without_myst_nb_displays_the_value(shell, monkeypatch):
+    monkeypatch.setitem(sys.modules, "myst_nb", None)  # `import myst_nb` raises ImportError
+    outputs = glued(shell, "answer", 42, display=True)
+    assert [data["text/plain"] for data, _ in outputs] == ["42"]
+    assert all("scrapbook" not in metadata for _, metadata in outputs)
+
+
+def test_glue_without_myst_nb_and_display_false_shows_nothing(shell, monkeypatch):
+    monkeypatch.setitem(sys.modules, "myst_nb", None)
+    assert glued(shell, "answer", 42, display=False) == []

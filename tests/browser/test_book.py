@@ -2,7 +2,8 @@
 
 For every page in ``_toc.yml``: it loads with no console error, every request stays on the
 local server, every formula is typeset by MathJax, every image has loaded, every saved
-ipywidget is rendered, and a notebook page's Colab button opens that notebook on Colab.
+ipywidget is rendered, a notebook page's Colab button opens that notebook on Colab, and
+nothing is wider than its box at 1280 px and at 768 px (no sideways scrolling, no clipping).
 Plus: no page links a remote script or stylesheet, and the search page finds words.
 A full-page screenshot of each page goes to ``_build/screenshots/`` for a human to look at.
 """
@@ -123,6 +124,66 @@ MATH_STATUS = """() => {
   };
 }"""
 
+# Every element whose content is wider than its box (scrollWidth > clientWidth): a code cell
+# the reader would scroll sideways, a formula cut at the column edge, a clipped label.
+# Exempt, because their overflow is by design and hides or cuts nothing the reader sees:
+# - the inner boxes of a typeset formula (MathJax places glyphs with negative margins and
+#   fixed em sizes, so its boxes report 1-2 px more than their width; the formula's own
+#   mjx-container is checked like any element), including mjx-assistive-mml, the formula's
+#   copy for screen readers that MathJax clips to nothing;
+# - the inside of an ipywidgets slider (noUiSlider centres its handle on the ends of the
+#   track, so the handle overhangs the track by half its width).
+OVERFLOWING = """() => {
+  const exempt = 'mjx-container *, .widget-slider .slider-container, .widget-slider .noUi-target,'
+    + ' .widget-slider .noUi-target *';
+  return [...document.querySelectorAll('body *')]
+    .filter(el => el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1)
+    .filter(el => !el.matches(exempt))
+    .map(el => `<${el.tagName.toLowerCase()} class="${el.className}"> ${el.scrollWidth} px`
+      + ` in ${el.clientWidth} px: ${(el.textContent || '').trim().slice(0, 60)}`);
+}"""
+
+# The width of 88 characters of code (the limit for the code the book shows) next to the width
+# a visible code cell's text has; null on a page without one.
+CODE_COLUMNS = """() => {
+  const pre = [...document.querySelectorAll('div.cell_input pre')].find(p => p.clientWidth > 0);
+  if (!pre) return null;
+  const probe = document.createElement('span');
+  probe.textContent = 'x'.repeat(88);
+  probe.style.whiteSpace = 'pre';
+  pre.append(probe);
+  const needed = probe.getBoundingClientRect().width;
+  probe.remove();
+  const style = getComputedStyle(pre);
+  const room = pre.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  return {needed, room};
+}"""
+
+WIDTHS = (1280, 768)  # a laptop; a tablet, where the sidebars fold away and the text reflows
+
+
+def assert_nothing_overflows(page, docname: str) -> None:
+    """At each width in WIDTHS: no element is wider than its box, and 88 code columns fit."""
+    try:
+        for width in WIDTHS:
+            page.set_viewport_size({"width": width, "height": 900})
+            # The theme animates its sidebars for 0.4 s; fit-math.js rescales on resize.
+            page.wait_for_timeout(600)
+            overflowing = page.evaluate(OVERFLOWING)
+            assert not overflowing, (
+                f"{docname} at {width} px: {len(overflowing)} element(s) wider than their box:\n"
+                + "\n".join(overflowing[:20])
+            )
+            columns = page.evaluate(CODE_COLUMNS)
+            if columns and width >= 1280:
+                assert columns["needed"] <= columns["room"], (
+                    f"{docname} at {width} px: 88 columns of code need {columns['needed']:.0f}"
+                    f" px, a code cell has {columns['room']:.0f} px"
+                )
+    finally:
+        page.set_viewport_size({"width": WIDTHS[0], "height": 900})
+
+
 BROKEN_IMAGES = """() => [...document.querySelectorAll('img')]
   .filter(img => !(img.complete && img.naturalWidth > 0))
   .map(img => img.currentSrc || img.src)"""
@@ -160,6 +221,8 @@ def test_page(docname, book_root, browser, base_url, site_dir, screenshot_dir):
 
         widgets = page.evaluate(WIDGET_COUNTS)
         assert widgets["rendered"] >= widgets["views"], f"{docname}: widgets not rendered"
+
+        assert_nothing_overflows(page, docname)
 
         colab = page.eval_on_selector_all(
             'a[href^="https://colab.research.google.com"]', "els => els.map(a => a.href)"
