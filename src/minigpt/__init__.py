@@ -2,14 +2,18 @@
 
 Each module holds one concept, in the order the book teaches them:
 ``functional`` (softmax and cross-entropy from scratch), ``tokenizer``/``bpe`` (characters,
-byte-level BPE, GPT-2's tokenizer), ``data`` (dataset registry, verified downloads, token bins),
-``attention``/``model`` (attention, the GPT and its modern variants), ``optim`` (AdamW,
-schedule, clipping), ``train``/``checkpoint`` (trainer, checkpoints, shipped models),
-``generate`` (decoding), ``pretrained`` (GPT-2 weights), ``peft``/``finetune``/``instruct``
-(fine-tuning), ``scaling``/``quantize``/``tracking`` (engineering practice), and ``cli``
-(``python -m minigpt train | sample | eval | finetune``).
+byte-level BPE, GPT-2's tokenizer), ``data`` (dataset registry, verified downloads, token
+bins, training data), ``attention``/``model`` (attention, the KV cache, the GPT and its
+modern variants), ``optim`` (AdamW, schedule, clipping, the optimisation step),
+``train_config``/``train``/``ddp`` (the trainer, its typed config, data parallelism),
+``checkpoint`` (checkpoints and model directories), ``atomic`` (crash-safe file writes),
+``generate`` (decoding), ``pretrained`` (GPT-2 weights), ``tuning``/``peft``/``finetune``/
+``instruct`` (fine-tuning), ``scaling``/``quantize``/``tracking`` (engineering practice),
+``book`` (helpers for the chapters) and ``cli`` (``python -m minigpt train | sample | eval
+| finetune``).
 """
 
+from minigpt.checkpoint import load_model
 from minigpt.generate import DecodeOptions, generate, stream
 from minigpt.model import GPT, GPTConfig, KVCache, gpt2_config
 from minigpt.tokenizer import CharTokenizer, Tokenizer
@@ -22,6 +26,7 @@ __all__ = [
     "KVCache",
     "Tokenizer",
     "generate",
+    "load_model",
     "gpt2_config",
     "stream",
 ]
