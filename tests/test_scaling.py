@@ -100,8 +100,13 @@ def test_non_embedding_params_matches_the_model():
     assert non_embedding_params(cfg) == pytest.approx(12 * 2 * 24**2, rel=0.1)
 
 
-def test_matmul_flops_per_s_is_positive():
-    assert matmul_flops_per_s(size=64, seconds=0.01) > 1e6
+def test_matmul_flops_per_s_counts_products_over_the_clock():
+    """With a clock that ticks 0.25 s per reading, the fourth reading (1 s) ends the loop
+    after three products: 3 x 2 x size^3 FLOP in 1 s. A shorter budget still does three."""
+    ticks = iter(0.25 * i for i in range(100))
+    assert matmul_flops_per_s(size=64, seconds=1.0, clock=lambda: next(ticks)) == 3 * 2 * 64**3
+    ticks = iter(0.25 * i for i in range(100))
+    assert matmul_flops_per_s(size=8, seconds=0.1, clock=lambda: next(ticks)) == 3 * 2 * 8**3
     with pytest.raises(ValueError):
         matmul_flops_per_s(size=0)
 

@@ -15,7 +15,7 @@ import csv
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,15 +93,21 @@ def non_embedding_params(config: GPTConfig) -> int:
     return param_count(config, non_embedding=True) - config.vocab_size * config.n_embd
 
 
-def matmul_flops_per_s(size: int = 512, seconds: float = 1.0, dtype=torch.float32) -> float:
-    """Measured FLOP/s of this machine on square ``size`` matrix products (2 size^3 each)."""
+def matmul_flops_per_s(
+    size: int = 512,
+    seconds: float = 1.0,
+    dtype=torch.float32,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Measured FLOP/s of this machine on square ``size`` matrix products (2 size^3 each):
+    at least three products, for at least ``seconds`` of ``clock``."""
     if size < 1 or seconds <= 0:
         raise ValueError(f"need size >= 1 and seconds > 0, got {size} and {seconds}")
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
-    n, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or n < 3:
+    n, start = 0, clock()
+    while (elapsed := clock() - start) < seconds or n < 3:
         a @ b
         n += 1
     return 2.0 * size**3 * n / elapsed
