@@ -40,7 +40,8 @@ def _check_floating(x: torch.Tensor, name: str) -> None:
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax along ``dim``: ``exp(x_i) / sum_j exp(x_j)``, as ``exp(x_i - max x) / ...``.
+    """Softmax along ``dim``: ``exp(x_i) / sum_j exp(x_j)``, computed stably as
+    ``exp(x_i - max x) / sum_j exp(x_j - max x)``.
 
     Entries equal to ``-inf`` get probability 0 (as in an attention mask); a slice
     whose entries are all ``-inf`` has no distribution and gives ``nan``, as in torch.

@@ -50,10 +50,11 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if eps < 0 or weight_decay < 0:
             raise ValueError("eps and weight_decay must be >= 0")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - the signature torch.optim.Optimizer defines
+    def step(self, closure=None):  # the signature torch.optim.Optimizer defines
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -66,7 +67,7 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    # step as a float tensor like torch's AdamW, so state dicts interchange
+                    # a float tensor step, like torch's: state dicts interchange
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
@@ -108,10 +109,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def lr_at(
     it: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_cycle_iters: int
 ) -> float:
-    """Learning rate at iteration ``it``: linear warm-up, cosine decay, then flat at ``min_lr``.
+    """Learning rate at iteration ``it``: linear warm-up, cosine decay, then ``min_lr``.
 
     ``it < warmup_iters``: ``max_lr * it / warmup_iters`` (starts at 0);
-    ``warmup_iters <= it <= cosine_cycle_iters``: cosine from ``max_lr`` down to ``min_lr``;
+    ``warmup_iters <= it <= cosine_cycle_iters``: cosine from ``max_lr`` to ``min_lr``;
     after that: ``min_lr``.
     """
     if it < 0:
@@ -170,12 +171,15 @@ def make_optimizer(
         return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, lr: float, grad_clip: float) -> None:
-    """One update from the accumulated gradients: set ``lr`` in every group, clip the global
-    gradient norm to ``grad_clip`` (0: no clipping), step, and zero the gradients."""
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, lr: float, grad_clip: float
+) -> None:
+    """One update from the accumulated gradients: set ``lr`` in every group, clip the
+    global gradient norm to ``grad_clip`` (0: no clipping), step, zero the gradients."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     if grad_clip > 0:
-        clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        clip_grad_norm(params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -77,11 +77,14 @@ def training_flops(n_params: float, n_tokens: float) -> float:
     return 6.0 * n_params * n_tokens
 
 
-def compute_optimal(flops: float, tokens_per_param: float = 20.0) -> tuple[float, float]:
+def compute_optimal(
+    flops: float, tokens_per_param: float = 20.0
+) -> tuple[float, float]:
     """Compute-optimal (N, D) for a budget of ``flops`` with D = tokens_per_param * N.
 
     From C = 6 N D = 6 r N^2: N = sqrt(C / (6 r)), D = r N. The default r = 20 is the
-    Chinchilla rule of thumb (Hoffmann et al. 2022, table 3: about 20 tokens per parameter).
+    Chinchilla rule of thumb (Hoffmann et al. 2022, table 3: about 20 tokens per
+    parameter).
     """
     _check_positive(flops=flops, tokens_per_param=tokens_per_param)
     n = math.sqrt(flops / (6.0 * tokens_per_param))
