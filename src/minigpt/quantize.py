@@ -47,7 +47,9 @@ def quantize_absmax(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     All-zero slices get scale 1 (and q = 0). The rounding error is at most scale / 2.
     """
     if not x.is_floating_point():
-        raise ValueError(f"quantize_absmax needs a float tensor, got {x.dtype}")
+        raise ValueError(
+            f"quantize_absmax needs a floating-point tensor, got {x.dtype}"
+        )
     amax = x.detach().abs().amax(dim=dim, keepdim=True).float()
     scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
     q = torch.round(x.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
