@@ -9,18 +9,22 @@ import pytest
 import torch
 
 from minigpt import checkpoint as ckpt_mod
-from minigpt.checkpoint import CheckpointError, read_checkpoint
+from minigpt import data
+from minigpt.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
 from minigpt.model import GPT, GPTConfig
+from minigpt.tracking import plot_losses
+from minigpt.tracking import read_metrics as read_log
 from minigpt.train import (
     TrainConfig,
     accumulate_gradients,
     estimate_loss,
-    load_checkpoint,
-    load_model,
     make_optimizer,
-    plot_losses,
-    read_log,
-    save_checkpoint,
     train,
 )
 
@@ -64,9 +68,7 @@ def test_train_learns_logs_and_exports(corpus, tmp_path):
     model, tok = load_model(out)
     assert not model.training and tok.vocab_size == model.config.vocab_size
     # the exported model reproduces the logged whole-split val loss exactly
-    from minigpt.train import prepare_data
-
-    _, _, val = prepare_data(TrainConfig(dataset=str(corpus)))
+    _, _, val = data.prepare_data(TrainConfig(dataset=str(corpus)).data_spec)
     assert estimate_loss(model, val, 16) == pytest.approx(res.val_loss, abs=1e-6)
     assert config["train"]["val_loss"] == res.val_loss
     ax = plot_losses(out / "log.jsonl")
@@ -249,8 +251,6 @@ SHIPPED = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
 def test_shipped_model_matches_manifest_and_reproduces_val_loss(name):
     import hashlib
 
-    from minigpt.train import prepare_data
-
     entry = json.loads((SHIPPED / "manifest.json").read_text())[name]
     assert entry["command"].startswith("python ")
     for fname, info in entry["files"].items():
@@ -260,6 +260,6 @@ def test_shipped_model_matches_manifest_and_reproduces_val_loss(name):
     model, tok = load_model(SHIPPED / name)
     cfg = TrainConfig.from_dict(json.loads((SHIPPED / name / "config.json").read_text())
                                 ["train"]["config"])
-    _, _, val = prepare_data(cfg, tokenizer=tok)
+    _, _, val = data.prepare_data(cfg.data_spec, tokenizer=tok)
     val_loss = estimate_loss(model, val, model.config.block_size)
     assert val_loss == pytest.approx(entry["val_loss"], abs=1e-4)
