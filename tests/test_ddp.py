@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minigpt.model import GPT, GPTConfig
 from minigpt.ddp import init_distributed, wrap_model
+from minigpt.model import GPT, GPTConfig
 from minigpt.train import TrainConfig, accumulate_gradients, train
 
 WORLD = 2

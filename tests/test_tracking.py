@@ -14,8 +14,8 @@ from minigpt.tracking import (
     columns,
     compare_runs,
     final_summary,
-    plot_runs,
     plot_losses,
+    plot_runs,
     read_metrics,
 )
 

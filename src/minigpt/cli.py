@@ -131,6 +131,10 @@ def load_config(name: str, overrides: list[str]) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    if ckpt.is_file() and not cfg.resume and not args.force:
+        raise CLIError(f"{ckpt} exists: continue that run with --set resume=true, or start "
+                       "over with --force (which overwrites it)")
     try:
         result = train(cfg)
     except TrainingInterrupted as e:
@@ -213,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config name in configs/ (e.g. shakespeare_char) or a .json path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key; repeat for several")
+    p.add_argument("--force", action="store_true",
+                   help="start from scratch even if out_dir holds a checkpoint (overwrites it)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a trained model, streamed")

@@ -95,9 +95,14 @@ def type_name(hint: object) -> str:
 
 def check_value(key: str, value: object, hint: object) -> object:
     """``value`` if it has type ``hint`` (ints pass as floats); else a ConfigError."""
-    args = typing.get_args(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
     if args:  # X | None
-        return None if value is None else check_value(key, value, args[0])
+        if value is None:
+            return None
+        try:
+            return check_value(key, value, args[0])
+        except ConfigError:
+            raise ConfigError(f"{key} expects {type_name(hint)}, got {value!r}") from None
     ok = {bool: lambda v: isinstance(v, bool),
           int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, int | float) and not isinstance(v, bool)
