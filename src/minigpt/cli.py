@@ -38,14 +38,8 @@ from minigpt.checkpoint import load_model, read_checkpoint
 from minigpt.data import DataError
 from minigpt.finetune import finetune_main
 from minigpt.generate import stream
-from minigpt.train import (
-    TrainConfig,
-    TrainingInterrupted,
-    check_value,
-    estimate_loss,
-    train,
-    type_name,
-)
+from minigpt.train import TrainingInterrupted, estimate_loss, train
+from minigpt.train_config import TrainConfig, check_value, type_name
 
 CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
 
