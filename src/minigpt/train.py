@@ -54,6 +54,8 @@ from minigpt.model import GPT
 from minigpt.optim import AdamW, clip_grad_norm, lr_at, param_groups
 from minigpt.train_config import ConfigError, TrainConfig
 
+Callback = Callable[[dict], None]  # called with each evaluation's record
+
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (e.g. disk full); the previous one is intact."""
@@ -134,8 +136,9 @@ def accumulate_gradients(
 ) -> torch.Tensor:
     """Forward + backward over micro-batches; the gradients are those of the mean loss.
 
-    Under DDP, gradients are all-reduced (averaged over ranks) only on the last micro-batch.
-    Returns this rank's mean loss, detached and left on the device (no host sync).
+    Under DDP, gradients are all-reduced (averaged over ranks) only on the last
+    micro-batch. Returns this rank's mean loss, detached and left on the device (reading
+    it back would make the CPU wait for the GPU at every step).
     """
     device = next(model.parameters()).device
     total = torch.zeros((), device=device)
@@ -213,7 +216,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     net: torch.nn.Module  # model, wrapped for DDP / torch.compile
     gen: torch.Generator  # this rank's batch sampler
-    callback: Callable[[dict], None] | None = None
+    callback: Callback | None = None
     iteration: int = 0  # optimiser steps done
     history: list[dict] = field(default_factory=list)
     best: float = math.inf
@@ -228,7 +231,7 @@ class Run:
         return Path(self.cfg.out_dir)
 
     @classmethod
-    def start(cls, cfg: TrainConfig, callback: Callable[[dict], None] | None = None) -> Run:
+    def start(cls, cfg: TrainConfig, callback: Callback | None = None) -> Run:
         """Devices, data, model and optimiser; resumes ``out_dir/ckpt.pt`` if ``cfg.resume``."""
         t_start = time.perf_counter()
         dist = ddp.init_distributed(cfg.device)  # checks the device before reading data
@@ -353,11 +356,11 @@ class Run:
 
 
 # ---------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, callback: Callable[[dict], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     """Run (or resume) a training run; see ``TrainConfig`` for every option.
 
-    ``callback(record)`` is called on the main rank after each evaluation with the logged
-    record (iteration, lr, train/val loss, tokens/s), e.g. for a live plot.
+    ``callback(record)`` is called on the main rank after each evaluation with the
+    logged record (iteration, lr, train/val loss, tokens/s), e.g. for a live plot.
     """
     with StopOnSignal() as stop:
         run = Run.start(cfg, callback)  # data, model, optimiser; resumes a checkpoint
