@@ -26,6 +26,7 @@ from minigpt.tracking import read_metrics as read_log
 from minigpt.train import (
     CheckpointWriteError,
     ConfigError,
+    StopOnSignal,
     TrainConfig,
     TrainingInterrupted,
     accumulate_gradients,
@@ -342,3 +343,17 @@ def test_config_types_are_checked_when_built():
     with pytest.raises(ConfigError, match="model.n_layer is not a GPTConfig field"):
         TrainConfig(model={"n_layer": 2})
     assert TrainConfig(lr=1).lr == 1.0 and type(TrainConfig(lr=1).lr) is float
+
+
+def test_a_second_signal_interrupts_at_once_and_ignored_signals_stay_ignored(monkeypatch):
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with StopOnSignal() as stop:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM  # recorded, the process goes on
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGHUP, old)
