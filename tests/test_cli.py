@@ -247,7 +247,8 @@ def test_signal_during_train_saves_a_checkpoint_and_exits_in_one_line(tmp_path, 
     env = {**os.environ, "MINIGPT_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "minigpt", "train", "--config", str(cfg),
                              "--set", f"out_dir={out}"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # SIGHUP not ignored (nohup)
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

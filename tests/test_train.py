@@ -272,8 +272,17 @@ def test_shipped_model_matches_manifest_and_reproduces_val_loss(name):
     assert val_loss == pytest.approx(entry["val_loss"], abs=1e-4)
 
 
+@pytest.fixture
+def hangup_not_ignored():
+    """SIGHUP at its default (a run under nohup ignores it, and the trainer respects that)."""
+    old = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, old)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_signal_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(corpus, tmp_path, sig):
+def test_signal_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(
+        corpus, tmp_path, sig, hangup_not_ignored):
     full = train(tiny_config(corpus, tmp_path / "full"))
 
     def signal_at_4(record):
