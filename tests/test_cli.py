@@ -2,12 +2,17 @@
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from minigpt.checkpoint import read_checkpoint
 from minigpt.cli import CONFIG_DIRS, load_config, main
 from minigpt.train import TrainConfig
 
@@ -35,10 +40,11 @@ def test_train_eval_sample(run_dir, capsys):
     capsys.readouterr()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"]["norm"] == "rmsnorm" and config["train"]["config"]["max_iters"] == 6
-    assert main(["eval", "--checkpoint", str(run_dir)]) == 0
+    text = config["train"]["config"]["dataset"]  # a local file: named explicitly
+    assert main(["eval", "--checkpoint", str(run_dir), "--data", text]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["val_loss"] == round(config["train"]["val_loss"], 4)
-    assert main(["eval", "--checkpoint", str(run_dir / "ckpt.pt")]) == 0
+    assert main(["eval", "--checkpoint", str(run_dir / "ckpt.pt"), "--data", text]) == 0
     assert json.loads(capsys.readouterr().out) == result  # same weights, same data
     args = ["sample", "--checkpoint", str(run_dir), "--prompt", "to be", "--max-new-tokens", "20",
             "--seed", "3", "--top-k", "5"]
@@ -92,3 +98,189 @@ def test_help_explains_every_option():
     with pytest.raises(SystemExit) as exc:  # argparse's own errors: status 2 as well
         main(["sample"])
     assert exc.value.code == 2
+
+
+# ------------------------------------------------------------------ typed --set values (#12)
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("max_iters=2.5", "max_iters expects an integer, got '2.5'"),
+        ("max_iters=fifty", "max_iters expects an integer, got 'fifty'"),
+        ("lr=3e-3x", "lr expects a number, got '3e-3x'"),
+        ("lr=nan", "lr expects a number"),
+        ("resume=yes", "resume expects true or false, got 'yes'"),
+        ("progress=1", "progress expects true or false, got 1"),
+        ("lr_decay_iters=soon", "lr_decay_iters expects an integer or null"),
+        ("model.n_kv_head=2.0", "model.n_kv_head expects an integer or null"),
+        ("model.rope_theta=big", "model.rope_theta expects a number"),
+        ("model.norm=batchnorm", "norm must be one of"),
+        ("model.n_layer=3", "set n_layer as a top-level key"),
+        ("model.nope=1", "unknown config key 'model.nope'"),
+        ("model=[1]", "model expects a JSON object"),
+        ("dataset=null", "dataset expects a string"),
+        ("device=tpu", "device='tpu'"),
+    ],
+)
+def test_set_rejects_a_value_of_the_wrong_type_in_one_line(setting, message, capsys):
+    assert main(["train", "--config", "nanogpt_cpu", "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "setting, key, value",
+    [
+        ("resume=False", "resume", False), ("resume=false", "resume", False),
+        ("resume=True", "resume", True), ("progress=False", "progress", False),
+        ("compile=true", "compile", True), ("max_iters=50", "max_iters", 50),
+        ("lr=3e-3", "lr", 3e-3), ("lr=1", "lr", 1.0), ("out_dir=out/x", "out_dir", "out/x"),
+        ('out_dir="out/y"', "out_dir", "out/y"), ("lr_decay_iters=null", "lr_decay_iters", None),
+        ("lr_decay_iters=None", "lr_decay_iters", None),
+        ("lr_decay_iters=700", "lr_decay_iters", 700),
+    ],
+)
+def test_set_converts_to_the_field_type(setting, key, value):
+    cfg = load_config("nanogpt_cpu", [setting])
+    got = getattr(cfg, key)
+    assert got == value and type(got) is type(value)
+
+
+def test_set_model_fields_are_typed():
+    cfg = load_config("nanogpt_cpu", ["model.norm=rmsnorm", "model.n_kv_head=None",
+                                      "model.rope_theta=500", 'model.mlp="swiglu"'])
+    assert cfg.model == {"norm": "rmsnorm", "n_kv_head": None, "rope_theta": 500.0,
+                         "mlp": "swiglu"}
+    assert load_config("nanogpt_cpu", ['model={"pos_emb": "rope"}']).model == {"pos_emb": "rope"}
+
+
+def test_config_file_values_are_type_checked(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"bias": "false"}))
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "bias expects true or false, got 'false'" in capsys.readouterr().err
+
+
+def test_resume_false_does_not_resume(run_dir, capsys):
+    cfg = str(run_dir.parent / "tiny.json")
+    common = ["train", "--config", cfg, "--set", f"out_dir={run_dir}", "--set", "progress=false"]
+    capsys.readouterr()
+    # a checkpoint is there: starting over needs --force (never a silent overwrite) ...
+    assert main([*common, "--set", "resume=False", "--set", "max_iters=3"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert read_checkpoint(run_dir / "ckpt.pt")["iteration"] == 6
+    # ... and with it, resume=False starts from step 0 (a resume would do nothing: 6 > 3)
+    assert main([*common, "--set", "resume=False", "--set", "max_iters=3", "--force"]) == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+    assert read_checkpoint(run_dir / "ckpt.pt")["iteration"] == 3
+
+
+def test_device_and_model_keys_are_checked_before_data_preparation(tmp_path, monkeypatch,
+                                                                   capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(cache))
+    base = ["train", "--config", "nanogpt_cpu", "--set", f"out_dir={tmp_path / 'o'}"]
+    if not torch.cuda.is_available():
+        assert main([*base, "--set", "device=cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main([*base, "--set", "model.n_kv_head=3"]) == 2  # must divide n_head
+    assert "n_kv_head=3 must divide" in capsys.readouterr().err
+    assert not cache.exists()  # no data was read or tokenised
+
+
+def test_help_shows_defaults_and_types():
+    out = subprocess.run([sys.executable, "-m", "minigpt", "train", "--help"], cwd="/",
+                         capture_output=True, text=True, check=True).stdout
+    assert "max_iters = 2000   (an integer)" in out
+    assert "resume = false   (true or false)" in out
+    assert "lr_decay_iters = null   (an integer or null)" in out
+
+
+def test_training_prints_the_validation_loss_at_each_evaluation(run_dir, capsys):
+    cfg = str(run_dir.parent / "tiny.json")
+    capsys.readouterr()
+    assert main(["train", "--config", cfg, "--set", f"out_dir={run_dir.parent / 'p'}"]) == 0
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if "val loss" in ln]
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("step")] == [
+        "step 0", "step 3", "step 6"]
+
+
+# ------------------------------------------------------------------ untrusted model folders
+def test_eval_never_reads_a_local_file_named_by_a_model_config(run_dir, tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password: hunter2\n" * 100)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["train"]["config"]["dataset"] = str(secret)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    cache = tmp_path / "cache"
+    before = sorted(p for p in cache.rglob("*"))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "not a registered dataset" in err and "--data PATH" in err
+    assert err.count("\n") == 1
+    assert sorted(p for p in cache.rglob("*")) == before  # nothing written to the cache
+    assert not any("secret" in p.name for p in cache.rglob("*"))
+    # sample never reads the dataset at all
+    assert main(["sample", "--checkpoint", str(run_dir), "--max-new-tokens", "3"]) == 0
+    assert sorted(p for p in cache.rglob("*")) == before
+
+
+# ------------------------------------------------------------------ signals and faults
+def _tiny_cli_config(tmp_path: Path, **kw) -> Path:
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be that is the question\n" * 200, encoding="utf-8")
+    cfg = tmp_path / "sig.json"
+    cfg.write_text(json.dumps({"dataset": str(text), "n_layer": 1, "n_head": 2, "n_embd": 16,
+                               "block_size": 16, "batch_size": 4, "eval_interval": 5,
+                               "eval_iters": 1, "warmup_iters": 1, "num_threads": 1,
+                               "progress": False, **kw}))
+    return cfg
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                       (signal.SIGHUP, 129)])
+def test_signal_during_train_saves_a_checkpoint_and_exits_in_one_line(tmp_path, sig, code):
+    cfg = _tiny_cli_config(tmp_path, max_iters=10**6)
+    out = tmp_path / "run"
+    env = {**os.environ, "MINIGPT_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt", "train", "--config", str(cfg),
+                             "--set", f"out_dir={out}"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,  # SIGHUP not ignored (nohup)
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    deadline = time.monotonic() + 240
+    while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)  # two evaluations logged: training is under way
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"stopped: interrupted by {sig.name} after step ")
+    step = int(stderr.split("after step ")[1].split(":")[0])
+    assert read_checkpoint(out / "ckpt.pt")["iteration"] == step >= 5
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_disk_full_during_a_checkpoint_names_the_file_and_keeps_the_old_one(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _tiny_cli_config(tmp_path, max_iters=12)
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save_until_disk_full(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 1:
+            return real_save(obj, f, *a, **kw)
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_until_disk_full)
+    assert main(["train", "--config", str(cfg), "--set", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"could not write the checkpoint {out / 'ckpt.pt'}" in err
+    assert "No space left on device" in err and "previous checkpoint is intact" in err
+    assert read_checkpoint(out / "ckpt.pt")["iteration"] == 5  # the old one, whole
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]

@@ -6,6 +6,8 @@ under two ranks: rank 0 alone writes files, the ranks sample different batches, 
 weights stay identical.
 """
 
+import contextlib
+import io
 import os
 import socket
 
@@ -14,8 +16,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from minigpt.ddp import (
+    any_rank,
+    gather,
+    init_distributed,
+    mean_over_ranks,
+    resolve_device,
+    sync_gradients,
+    wrap_model,
+)
 from minigpt.model import GPT, GPTConfig
-from minigpt.train import TrainConfig, accumulate_gradients, init_distributed, train, wrap_model
+from minigpt.train import TrainConfig, accumulate_gradients, train
 
 WORLD = 2
 
@@ -45,11 +56,14 @@ def _worker(rank: int, port: int, tmp: str, text: str) -> None:
     grads = {n: p.grad for n, p in net.module.named_parameters()}
     # (2) the trainer under DDP
     out = os.path.join(tmp, f"run{rank}")  # a different out_dir per rank: only rank 0 writes
-    res = train(TrainConfig(dataset=text, n_layer=1, n_head=2, n_embd=16, block_size=8,
-                            batch_size=4, max_iters=3, eval_interval=3, eval_iters=1,
-                            warmup_iters=1, out_dir=out, progress=False, device="cpu"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        res = train(TrainConfig(dataset=text, n_layer=1, n_head=2, n_embd=16, block_size=8,
+                                batch_size=4, max_iters=3, eval_interval=3, eval_iters=1,
+                                warmup_iters=1, out_dir=out, progress=True, device="cpu"))
     torch.save({"grads": grads, "state": res.model.state_dict(), "losses": res.losses,
-                "wrote": os.path.isdir(out)}, os.path.join(tmp, f"rank{rank}.pt"))
+                "wrote": os.path.isdir(out), "printed": printed.getvalue()},
+               os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -78,3 +92,30 @@ def test_trainer_under_ddp(ranks):
     for k, v in ranks[0]["state"].items():
         assert torch.equal(v, ranks[1]["state"][k]), k  # weights stay in sync
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the all-rank mean
+
+
+def test_only_rank_0_prints_the_validation_loss(ranks):
+    lines = ranks[0]["printed"].splitlines()
+    assert [ln.split(":")[0] for ln in lines if "val loss" in ln] == ["step 0", "step 3"]
+    assert ranks[1]["printed"] == ""
+
+
+def test_single_process_helpers_change_nothing(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = init_distributed("cpu")
+    assert (info.rank, info.world_size, info.main, info.owns_group) == (0, 1, True, False)
+    model, t = _model(), torch.tensor([2.0])
+    assert wrap_model(model, info) is model
+    assert mean_over_ranks(t, info) is t and gather(t, info) == [t]
+    assert any_rank(True, info) and not any_rank(False, info)
+    assert isinstance(sync_gradients(model, sync=False), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "is not a device"), ("cuda:x", "is not a device"), ("xla", "is not supported"),
+    pytest.param("cuda", "CUDA is not available", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a GPU is present")),
+])
+def test_bad_devices_are_rejected_with_one_line(device, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_device(device)

@@ -14,6 +14,7 @@ from minigpt.tracking import (
     columns,
     compare_runs,
     final_summary,
+    plot_losses,
     plot_runs,
     read_metrics,
 )
@@ -143,8 +144,8 @@ def test_bad_logs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no metrics log"):
         read_metrics(tmp_path / "missing.jsonl")
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"iter": 0, "loss": 1.0}\n{"iter": 1, "lo')
-    with pytest.raises(ValueError, match="line 2"):
+    broken.write_text('{"iter": 0, "loss": 1.0}\n{"iter": 1, "lo\n{"iter": 2}\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl, line 2: not valid JSON"):
         read_metrics(broken)
     (tmp_path / "list.jsonl").write_text("[1, 2]\n")
     with pytest.raises(ValueError, match="JSON object"):
@@ -152,3 +153,25 @@ def test_bad_logs_raise_clear_errors(tmp_path):
     assert final_summary(_trainer_log(tmp_path / "x" / "log.jsonl", [1.0])) is not None
     (tmp_path / "plain.jsonl").write_text('{"iter": 0}\n')
     assert final_summary(tmp_path / "plain.jsonl") is None
+
+
+@pytest.mark.parametrize("tail", ['{"iter": 1, "lo', '{"iter": 1, "lo\n', "\n\n", "   \n"])
+def test_torn_or_blank_last_line_is_skipped_with_a_warning_naming_file_and_line(tmp_path, tail):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iter": 0, "loss": 1.0}\n' + tail)
+    torn = tail.strip() != ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_metrics(log) == [{"iter": 0, "loss": 1.0}]
+    messages = [str(w.message) for w in caught]
+    if torn:
+        assert len(messages) == 1 and f"{log}, line 2: skipped a torn last line" in messages[0]
+    else:
+        assert messages == []  # blank lines are not damage
+
+
+def test_plot_losses_reads_a_trainer_log(tmp_path):
+    log = _trainer_log(tmp_path / "r" / "log.jsonl", [3.0, 2.5])
+    ax = plot_losses(log, title="t")
+    assert ax.get_xlabel() == "optimiser step" and ax.get_title() == "t"
+    assert list(ax.get_lines()[1].get_ydata()) == [3.0, 2.5]

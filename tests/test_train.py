@@ -1,26 +1,37 @@
 """Trainer, checkpoints (atomic, safe, exactly resumable) and the shipped-model format."""
 
+import errno
 import io
 import json
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from minigpt import checkpoint as ckpt_mod
-from minigpt.checkpoint import CheckpointError, read_checkpoint
-from minigpt.model import GPT, GPTConfig
-from minigpt.train import (
-    TrainConfig,
-    accumulate_gradients,
-    estimate_loss,
+from minigpt import data
+from minigpt.checkpoint import (
+    CheckpointError,
     load_checkpoint,
     load_model,
-    make_optimizer,
-    plot_losses,
-    read_log,
+    read_checkpoint,
     save_checkpoint,
+)
+from minigpt.model import GPT, GPTConfig
+from minigpt.tracking import plot_losses
+from minigpt.tracking import read_metrics as read_log
+from minigpt.train import (
+    CheckpointWriteError,
+    ConfigError,
+    StopOnSignal,
+    TrainConfig,
+    TrainingInterrupted,
+    accumulate_gradients,
+    estimate_loss,
+    make_optimizer,
     train,
 )
 
@@ -64,9 +75,7 @@ def test_train_learns_logs_and_exports(corpus, tmp_path):
     model, tok = load_model(out)
     assert not model.training and tok.vocab_size == model.config.vocab_size
     # the exported model reproduces the logged whole-split val loss exactly
-    from minigpt.train import prepare_data
-
-    _, _, val = prepare_data(TrainConfig(dataset=str(corpus)))
+    _, _, val = data.prepare_data(TrainConfig(dataset=str(corpus)).data_spec)
     assert estimate_loss(model, val, 16) == pytest.approx(res.val_loss, abs=1e-6)
     assert config["train"]["val_loss"] == res.val_loss
     ax = plot_losses(out / "log.jsonl")
@@ -249,8 +258,6 @@ SHIPPED = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
 def test_shipped_model_matches_manifest_and_reproduces_val_loss(name):
     import hashlib
 
-    from minigpt.train import prepare_data
-
     entry = json.loads((SHIPPED / "manifest.json").read_text())[name]
     assert entry["command"].startswith("python ")
     for fname, info in entry["files"].items():
@@ -260,6 +267,102 @@ def test_shipped_model_matches_manifest_and_reproduces_val_loss(name):
     model, tok = load_model(SHIPPED / name)
     cfg = TrainConfig.from_dict(json.loads((SHIPPED / name / "config.json").read_text())
                                 ["train"]["config"])
-    _, _, val = prepare_data(cfg, tokenizer=tok)
+    _, _, val = data.prepare_data(cfg.data_spec, tokenizer=tok)
     val_loss = estimate_loss(model, val, model.config.block_size)
     assert val_loss == pytest.approx(entry["val_loss"], abs=1e-4)
+
+
+@pytest.fixture
+def hangup_not_ignored():
+    """SIGHUP at its default (a run under nohup ignores it, and the trainer respects that)."""
+    old = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, old)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signal_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(
+        corpus, tmp_path, sig, hangup_not_ignored):
+    full = train(tiny_config(corpus, tmp_path / "full"))
+
+    def signal_at_4(record):
+        if record["iter"] == 4:
+            os.kill(os.getpid(), sig)  # as if from outside, between two steps
+
+    cfg = tiny_config(corpus, tmp_path / "sig")
+    with pytest.raises(TrainingInterrupted, match=f"interrupted by {sig.name} after step 5") as e:
+        train(cfg, callback=signal_at_4)
+    assert e.value.signum == sig and e.value.iteration == 5
+    assert read_checkpoint(tmp_path / "sig" / "ckpt.pt")["iteration"] == 5
+    assert signal.getsignal(sig) is not None  # the handlers were restored ...
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # ... to the defaults
+    torch.manual_seed(99)  # disturb the global RNGs: the checkpoint restores them
+    resumed = train(TrainConfig(**{**cfg.to_dict(), "resume": True}))
+    assert resumed.losses == full.losses[5:]
+    assert resumed.val_loss == full.val_loss
+    assert resumed.history == [{**r, "tokens_per_s": resumed.history[i]["tokens_per_s"]}
+                               for i, r in enumerate(full.history)]
+
+
+def test_disk_full_while_checkpointing_keeps_the_old_checkpoint(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    real_save = torch.save
+
+    def fill_disk_at_8(record):
+        if record["iter"] == 8:
+            def no_space(obj, f, *a, **kw):
+                Path(f).write_bytes(b"partial")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            monkeypatch.setattr(torch, "save", no_space)
+
+    with pytest.raises(CheckpointWriteError) as e:
+        train(tiny_config(corpus, out), callback=fill_disk_at_8)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert str(e.value).startswith(f"could not write the checkpoint {out / 'ckpt.pt'}: No space")
+    assert read_checkpoint(out / "ckpt.pt")["iteration"] == 4
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_no_host_sync_per_training_step(corpus, tmp_path, monkeypatch):
+    """Tensors are read back (.item, .tolist, .cpu, float) per evaluation, not per step."""
+    counts = {"n": 0}
+    for name in ("item", "tolist", "cpu", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, **kw):
+            counts["n"] += 1
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    def syncs(steps: int) -> int:
+        counts["n"] = 0
+        train(tiny_config(corpus, tmp_path / f"s{steps}", max_iters=steps, eval_interval=steps))
+        return counts["n"]
+
+    assert syncs(8) == syncs(24)  # two evaluations each; 16 more steps, no more syncs
+
+
+def test_config_types_are_checked_when_built():
+    with pytest.raises(ConfigError, match="resume expects true or false, got 'False'"):
+        TrainConfig(resume="False")
+    with pytest.raises(ConfigError, match="max_iters expects an integer, got 2.5"):
+        TrainConfig(max_iters=2.5)
+    with pytest.raises(ConfigError, match="model.rope_theta expects a number, got nan"):
+        TrainConfig(model={"rope_theta": float("nan")})
+    with pytest.raises(ConfigError, match="model.n_layer is not a GPTConfig field"):
+        TrainConfig(model={"n_layer": 2})
+    assert TrainConfig(lr=1).lr == 1.0 and type(TrainConfig(lr=1).lr) is float
+
+
+def test_a_second_signal_interrupts_at_once_and_ignored_signals_stay_ignored(monkeypatch):
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with StopOnSignal() as stop:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM  # recorded, the process goes on
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGHUP, old)

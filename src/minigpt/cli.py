@@ -3,7 +3,22 @@
 Configs are JSON files of ``TrainConfig`` keys. ``--config NAME`` finds ``NAME.json`` in
 ``./configs/`` or in the repository's ``configs/`` folder (found from this file, so it works in
 an editable install, ``pip install -e .``); ``--config path/to/file.json`` takes any file.
-Errors (missing config, unknown key, bad checkpoint) print one line and exit with status 2.
+Errors (missing config, unknown key, bad value, bad checkpoint) print one line and exit with
+status 2.
+
+Design choices:
+
+- ``--set KEY=VALUE`` converts ``VALUE`` by the type of ``TrainConfig``'s field (or of
+  ``GPTConfig``'s for ``model.<field>``): ``true``/``false`` (``True``/``False`` too) for
+  booleans, integers only for integer fields, finite numbers for floats, ``null``/``None``
+  for optional fields, JSON for ``model``. Anything else is one line naming the key and the
+  type it expects. Hand-written (about 30 lines): neither tyro nor jsonargparse is installed,
+  and the types involved are five, so a dependency would buy nothing.
+- A model directory is data, not instructions: ``eval`` uses a dataset named in its
+  ``config.json`` only if it is a registered name (``minigpt.data.REGISTRY``); a local file
+  is read only when the user passes it (``--data PATH``).
+- Training stopped by Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and exits with one line
+  and status 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -15,13 +30,16 @@ import json
 import math
 import re
 import sys
+import typing
 from pathlib import Path
 
+from minigpt import data
 from minigpt.checkpoint import load_model, read_checkpoint
 from minigpt.data import DataError
 from minigpt.finetune import finetune_main
 from minigpt.generate import stream
-from minigpt.train import TrainConfig, estimate_loss, prepare_data, train
+from minigpt.train import TrainingInterrupted, estimate_loss, train
+from minigpt.train_config import TrainConfig, check_value, type_name
 
 CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
 
@@ -31,13 +49,15 @@ class CLIError(ValueError):
 
 
 def config_help() -> str:
-    """One line per TrainConfig key: name, default and the comment from its definition."""
+    """One line per TrainConfig key: name, default, type and the comment from its definition."""
     comments = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.+)$",
                                inspect.getsource(TrainConfig), flags=re.M))
+    hints = typing.get_type_hints(TrainConfig)
     lines = []
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  {f.name} = {json.dumps(default)}   {comments.get(f.name, '')}".rstrip())
+        lines.append(f"  {f.name} = {json.dumps(default)}   ({type_name(hints[f.name])}) "
+                     f"{comments.get(f.name, '')}".rstrip())
     return "\n".join(lines)
 
 
@@ -55,29 +75,46 @@ def resolve_config(name: str) -> Path:
     raise CLIError(f"no config named {name!r}; known configs: {known} (or pass a .json path)")
 
 
-def load_config(name: str, overrides: list[str]):
-    """A TrainConfig from a config file plus ``key=value`` overrides (values parsed as JSON)."""
+_WORDS = {"true": True, "True": True, "false": False, "False": False, "null": None,
+          "None": None, "none": None}
+
+
+def parse_value(key: str, raw: str, hint: object) -> object:
+    """The command-line string ``raw`` as a value of type ``hint``; a ConfigError if it is not.
+
+    Booleans: true/false/True/False; integers: digits only (2.5 and 'fifty' are errors);
+    floats: finite numbers; strings: as given (JSON quotes removed); ``model``: a JSON object.
+    """
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if raw in _WORDS and (base is bool or _WORDS[raw] is None):
+        value = _WORDS[raw]
+    elif base is str:
+        value = json.loads(raw) if len(raw) >= 2 and raw[0] == raw[-1] == '"' else raw
+    else:
+        try:
+            value = {int: int, float: float, dict: json.loads}.get(base, json.loads)(raw)
+        except ValueError:
+            value = raw  # reported below with the type expected
+    return check_value(key, value, hint)
+
+
+def load_config(name: str, overrides: list[str]) -> TrainConfig:
+    """A TrainConfig from a config file plus typed ``key=value`` overrides."""
     path = resolve_config(name)
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CLIError(f"config {path} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise CLIError(f"config {path} must be a JSON object of TrainConfig keys")
     values.pop("description", None)  # a free-text note in the config files
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise CLIError(f"--set takes key=value, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw  # a bare string, e.g. out_dir=out/x
-        top, _, sub = key.partition(".")
-        if top not in known or (sub and top != "model"):
-            raise CLIError(f"unknown config key {key!r}; valid keys: {sorted(known)} "
-                           "(and model.<GPTConfig field>)")
-        if sub:
-            values.setdefault("model", {})[sub] = value
+        value = parse_value(key, raw, TrainConfig.field_type(key))
+        if key.startswith("model."):
+            values.setdefault("model", {})[key.removeprefix("model.")] = value
         else:
             values[key] = value
     try:
@@ -88,7 +125,15 @@ def load_config(name: str, overrides: list[str]):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    result = train(cfg)
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    if ckpt.is_file() and not cfg.resume and not args.force:
+        raise CLIError(f"{ckpt} exists: continue that run with --set resume=true, or start "
+                       "over with --force (which overwrites it)")
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + e.signum
     print(f"done: {result.iterations} steps, val loss {result.val_loss:.4f} "
           f"(whole validation split), {result.wall_time:.1f} s, "
           f"{result.tokens_per_s:,.0f} tokens/s; model in {cfg.out_dir}")
@@ -115,19 +160,34 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    model, tok = load_model(args.checkpoint)
-    src = Path(args.checkpoint)
-    cfg = TrainConfig()  # the training config is stored in both formats; use its dataset
-    if src.is_dir():
-        train_info = json.loads((src / "config.json").read_text(encoding="utf-8")).get("train")
-        if train_info:
-            cfg = TrainConfig.from_dict(train_info["config"])
-    elif "config" in (extra := read_checkpoint(src)["extra"]):
+def eval_dataset(checkpoint: Path, explicit: str | None) -> TrainConfig:
+    """The training config of a model, with the dataset to evaluate on.
+
+    ``explicit`` (from the command line) may be any registered name or local file. A dataset
+    named by the model's own files must be a registered name: a downloaded model's config
+    must not make us read (and cache the tokens of) an arbitrary local file.
+    """
+    cfg = TrainConfig()
+    if checkpoint.is_dir():
+        train_info = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+        if isinstance(train_info.get("train"), dict) and "config" in train_info["train"]:
+            cfg = TrainConfig.from_dict(train_info["train"]["config"])
+    elif "config" in (extra := read_checkpoint(checkpoint)["extra"]):
         cfg = TrainConfig.from_dict(json.loads(extra["config"]))
-    if args.dataset:
-        cfg = dataclasses.replace(cfg, dataset=args.dataset)
-    _, _, val = prepare_data(cfg, tokenizer=tok)
+    if explicit is not None:
+        return dataclasses.replace(cfg, dataset=explicit)
+    if cfg.dataset not in data.REGISTRY:
+        raise CLIError(f"{checkpoint} names the dataset {cfg.dataset!r}, which is not a "
+                       f"registered dataset ({', '.join(sorted(data.REGISTRY))}); to evaluate "
+                       "on a local file, pass it yourself: --data PATH")
+    return cfg
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    checkpoint = Path(args.checkpoint)
+    model, tok = load_model(checkpoint)
+    cfg = eval_dataset(checkpoint, args.data)
+    _, _, val = data.prepare_data(cfg.data_spec, tokenizer=tok)
     loss = estimate_loss(model, val, model.config.block_size, batch_size=args.batch_size)
     print(json.dumps({"val_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
                       "val_tokens": len(val), "dataset": cfg.dataset}))
@@ -143,13 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train (or resume, with --set resume=true) a GPT. Multi-process"
                        ": torchrun --nproc_per_node=N -m minigpt train --config ...",
-                       epilog="config keys (--set KEY=VALUE; values are JSON, e.g. 6, 3e-4, "
-                       "true, \"out/x\"; model.<GPTConfig field> for the rest of the model):\n"
+                       epilog="config keys with their defaults (--set KEY=VALUE, converted to "
+                       "the key's type: 6, 3e-4, true, out/x, null; model.<GPTConfig field> "
+                       "for the rest of the model, e.g. model.norm=rmsnorm):\n"
                        + config_help())
     p.add_argument("--config", required=True,
                    help="config name in configs/ (e.g. shakespeare_char) or a .json path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key; repeat for several")
+    p.add_argument("--force", action="store_true",
+                   help="start from scratch even if out_dir holds a checkpoint (overwrites it)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a trained model, streamed")
@@ -171,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss and perplexity of a trained model")
     p.add_argument("--checkpoint", required=True,
                    help="a model directory (model.safetensors + config.json) or a ckpt.pt file")
-    p.add_argument("--dataset", default=None,
-                   help="dataset name or text file (default: the one the model was trained on)")
+    p.add_argument("--data", "--dataset", dest="data", default=None, metavar="NAME_OR_PATH",
+                   help="registered dataset name or a local UTF-8 text file (default: the "
+                   "model's training dataset, if it is a registered name)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     p.set_defaults(func=cmd_eval)
 
@@ -191,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, DataError, OSError) as e:  # CLIError, CheckpointError, bad values
+    except (ValueError, DataError, OSError) as e:  # CLIError, ConfigError, CheckpointError, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops)
+        print("interrupted", file=sys.stderr)
+        return 130

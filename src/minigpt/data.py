@@ -60,7 +60,8 @@ import tiktoken
 import torch
 
 from minigpt import tokenizer as tokenizers
-from minigpt.atomic import atomic_writer
+from minigpt.atomic import atomic_write_text, atomic_writer
+from minigpt.bpe import train_bpe_from_text
 
 MIRROR_ENV = "MINIGPT_DATA_MIRROR"
 CACHE_ENV = "MINIGPT_CACHE_DIR"
@@ -735,3 +736,74 @@ def get_batch(
     windows = torch.from_numpy(np.asarray(data)[index].astype(np.int64))
     x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     return x.to(device), y.to(device)
+
+
+# ------------------------------------------------------------- training data preparation
+# (below: the trainer's side of this module. It takes a small DataSpec, not the trainer's
+# config, so data never imports train.)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which text to tokenise, and how: what ``prepare_data`` needs to build token bins.
+
+    ``dataset`` is a name in ``REGISTRY`` or a UTF-8 text file; ``tokenizer`` is ``"char"``
+    (one id per character) or ``"bpe"`` (a byte-level BPE of ``bpe_vocab_size`` tokens trained
+    on the training split); the last ``val_fraction`` of the tokens are the validation split.
+    """
+
+    dataset: str = "tinyshakespeare"
+    tokenizer: str = "char"
+    bpe_vocab_size: int = 1024
+    val_fraction: float = 0.1
+
+
+def is_local_file(dataset: str) -> bool:
+    """Whether ``dataset`` names a local text file rather than a registered dataset."""
+    if dataset in REGISTRY:
+        return False
+    return dataset.endswith((".txt", ".md")) or os.sep in dataset or Path(dataset).is_file()
+
+
+def bins_dir(spec: DataSpec) -> Path:
+    """Where the token bins of this dataset + tokenizer live (in the minigpt cache)."""
+    name = Path(spec.dataset).stem if is_local_file(spec.dataset) else spec.dataset
+    tok = "char" if spec.tokenizer == "char" else f"bpe{spec.bpe_vocab_size}"
+    return cache_dir() / "bins" / f"{name}-{tok}-val{spec.val_fraction:g}"
+
+
+def prepare_data(spec: DataSpec, tokenizer: Tokenizer | None = None) -> tuple:
+    """``(tokenizer, train_ids, val_ids)``: memory-mapped token bins, built once and cached.
+
+    ``tokenizer`` (e.g. a shipped model's) replaces the one ``spec`` describes. A local file
+    is read only when the caller names it in ``spec.dataset``: callers that take a dataset
+    from a file they did not write (a model's ``config.json``) must check it first
+    (``is_local_file``).
+    """
+    source = Path(spec.dataset) if is_local_file(spec.dataset) else path(spec.dataset)
+    if not source.is_file():
+        raise ValueError(f"dataset file {source} does not exist; pass a registered name "
+                         f"({', '.join(sorted(REGISTRY))}) or a UTF-8 text file")
+    out = bins_dir(spec)
+    if tokenizer is None:
+        text = source.read_text(encoding="utf-8")
+        if spec.tokenizer == "char":
+            tokenizer = tokenizers.CharTokenizer.from_text(text)
+        else:
+            train_text = text[: int(len(text) * (1 - spec.val_fraction))]
+            tokenizer = _cached_bpe(train_text, spec.bpe_vocab_size, out / "tokenizer.json")
+    prepare_bin(source, tokenizer, out, val_fraction=spec.val_fraction)
+    vocab = tokenizer.vocab_size  # the id range is checked once, here, not per batch
+    return (tokenizer, load_bin(out / "train.bin", vocab_size=vocab),
+            load_bin(out / "val.bin", vocab_size=vocab))
+
+
+def _cached_bpe(train_text: str, vocab_size: int, cached: Path) -> Tokenizer:
+    """A byte-level BPE trained on ``train_text``, cached as ``cached`` (JSON)."""
+    if cached.is_file():
+        return load_tokenizer(json.loads(cached.read_text(encoding="utf-8")))
+    specials = ["<|endoftext|>"]
+    vocab, merges = train_bpe_from_text(train_text, vocab_size, specials)
+    tokenizer = tokenizers.Tokenizer(vocab, merges, specials)
+    atomic_write_text(cached, json.dumps(tokenizer.to_dict()))
+    return tokenizer

@@ -4,8 +4,12 @@ A run's metrics are one JSON object per line (JSONL), e.g. ``{"iter": 250, "val_
 plain text, append-only, readable by anything, and safe when a run dies mid-write (at most the
 last line is lost). ``MetricsLogger`` writes such a file and, when TensorBoard is installed,
 the same scalars as TensorBoard events; without TensorBoard it warns once and goes on.
-``read_metrics`` / ``columns`` read logs back (the trainer's ``log.jsonl`` too) and
+``read_metrics`` / ``columns`` read logs back (the trainer's ``log.jsonl`` too; it is the
+package's only log reader), ``plot_losses`` draws one run's train/val curves and
 ``plot_runs`` / ``compare_runs`` put several runs side by side.
+
+A crash can tear only the last line of an append-only log, so the reader skips a torn last
+line with a warning (naming the file and line) and refuses a bad line anywhere else.
 """
 
 from __future__ import annotations
@@ -93,25 +97,36 @@ class MetricsLogger:
         self.close()
 
 
+def append_record(path: str | os.PathLike, record: dict) -> None:
+    """Append one record as a JSON line (the trainer's ``log.jsonl``), flushed at once."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def read_metrics(path: str | os.PathLike, *, include_final: bool = False) -> list[dict]:
     """The records of a JSONL metrics log, in order.
 
     Blank lines are skipped. A trainer log ends with a ``{"final": {...}}`` summary; it is
-    left out unless ``include_final``. A line that is not a JSON object raises a ValueError
-    naming the file and line (a truncated last line means the run was killed while writing).
+    left out unless ``include_final``. A run killed while writing can tear only the *last*
+    line: such a line is skipped with a warning naming the file and line. Any other line that
+    is not a JSON object raises a ValueError naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no metrics log at {path}")
+    lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if ln.strip()]
     records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, (i, line) in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}); was the run "
-                             "interrupted while writing? delete or fix that line") from None
+            if n == len(lines):
+                warnings.warn(f"{path}, line {i}: skipped a torn last line ({e.msg}); the run "
+                              "was probably killed while writing it", stacklevel=2)
+                break
+            raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}); delete or fix "
+                             "that line") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}, line {i}: expected a JSON object, got {line[:40]!r}")
         if include_final or "final" not in record:
@@ -180,6 +195,23 @@ def plot_runs(
     return ax
 
 
+def plot_losses(records: list[dict] | str | os.PathLike, ax=None, title: str = "Loss curve"):
+    """Plot train and val loss against the step from trainer records (or a log.jsonl path)."""
+    import matplotlib.pyplot as plt
+
+    if not isinstance(records, list):
+        records = read_metrics(records)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["iter"] for r in records]
+    ax.plot(steps, [r["train_loss"] for r in records], "o-", label="train")
+    ax.plot(steps, [r["val_loss"] for r in records], "s-", label="validation")
+    ax.set(title=title, xlabel="optimiser step", ylabel="cross-entropy loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return ax
+
+
 def compare_runs(
     runs: Sequence[str | os.PathLike], metric: str = "val_loss", *, x: str = "iter"
 ) -> list[dict]:
@@ -193,5 +225,5 @@ def compare_runs(
     return rows
 
 
-__all__ = ["MetricsLogger", "columns", "compare_runs", "final_summary", "plot_runs",
-           "read_metrics"]
+__all__ = ["MetricsLogger", "append_record", "columns", "compare_runs", "final_summary",
+           "plot_losses", "plot_runs", "read_metrics"]

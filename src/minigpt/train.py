@@ -1,25 +1,37 @@
-"""The trainer: configuration, data preparation, the training loop, evaluation and DDP.
+"""The trainer: the training loop, evaluation and a run's bookkeeping (chapter 5).
 
-``train(TrainConfig(...))`` tokenises the corpus into token bins (once, cached), builds a
-``GPT``, and runs AdamW with warm-up + cosine learning rate, gradient accumulation, gradient
-clipping, optional bf16 autocast and ``torch.compile``. It logs to ``out_dir/log.jsonl``,
-checkpoints the full training state to ``out_dir/ckpt.pt`` (resumable bit-for-bit on CPU) and
-exports the final model to ``out_dir`` in the shipped-model format (``minigpt.checkpoint``).
+``train(TrainConfig(...))`` (the config lives in ``minigpt.train_config``) tokenises the
+corpus into token bins (``data.prepare_data``, once, cached), builds a ``GPT``, and runs AdamW
+with warm-up + cosine learning rate, gradient accumulation, gradient clipping, optional bf16
+autocast and ``torch.compile``.
 
-Under ``torchrun --nproc_per_node=N`` the same code trains with DistributedDataParallel: each
-rank samples its own batches (generator seed ``seed + rank``), gradients are averaged across
-ranks, and rank 0 alone logs and writes files. The global batch is
-``batch_size * grad_accum_steps * world_size`` sequences.
+Design choices:
+
+- The loop the book shows (``train``) is the algorithm only; setting up, evaluating, logging,
+  checkpointing and the end of a run are methods of ``Run``, each written once.
+- No per-step host syncs: the step's loss stays on the device and is read back only at
+  logging and evaluation intervals.
+- Evaluation is deterministic (fixed windows, no random numbers drawn), so it never changes
+  a run; the final number is the loss on the whole validation split.
+- ``out_dir/ckpt.pt`` holds the full training state (written atomically), so a resumed run
+  is bit-identical on CPU. SIGINT, SIGTERM and SIGHUP finish the current step, save a
+  checkpoint and raise ``TrainingInterrupted``; a second signal interrupts at once. A failed
+  checkpoint write (disk full) raises ``CheckpointWriteError`` naming the file.
+- Logs are JSONL (``minigpt.tracking`` appends and reads them); the finished model is
+  exported to ``out_dir`` in the shipped-model format (``minigpt.checkpoint``).
+- Under ``torchrun`` the same code trains with DistributedDataParallel (``minigpt.ddp``): each
+  rank samples its own batches (generator seed ``seed + rank``), and rank 0 alone prints and
+  writes files. The global batch is ``batch_size * grad_accum_steps * world_size`` sequences.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,105 +39,37 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from minigpt import data
-from minigpt.bpe import train_bpe_from_text
+from minigpt import data, ddp, optim, tracking
+from minigpt.atomic import atomic_write_text
 from minigpt.checkpoint import (
-    CheckpointError,
     check_model_config,
     export_model,
     load_checkpoint,
-    load_model,
     read_checkpoint,
     save_checkpoint,
 )
-from minigpt.model import GPT, GPTConfig
-from minigpt.optim import AdamW, clip_grad_norm, lr_at, param_groups
-from minigpt.tokenizer import CharTokenizer, Tokenizer
+from minigpt.model import GPT
+from minigpt.optim import lr_at, optimizer_step
+from minigpt.train_config import ConfigError, TrainConfig
+
+Callback = Callable[[dict], None]  # called with each evaluation's record
 
 
-@dataclass
-class TrainConfig:
-    """Every hyper-parameter of a training run (the JSON files in ``configs/`` set these)."""
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. disk full); the previous one is intact."""
 
-    # data
-    dataset: str = "tinyshakespeare"  # a name registered in minigpt.data, or a UTF-8 text file
-    tokenizer: str = "char"  # "char" (one id per character) or "bpe" (byte-level BPE)
-    bpe_vocab_size: int = 1024  # for tokenizer="bpe": trained on the training split
-    val_fraction: float = 0.1  # the last 10% of the tokens are the validation split
-    # model (GPTConfig; vocab_size comes from the tokenizer)
-    n_layer: int = 4  # Transformer blocks
-    n_head: int = 4  # attention heads per block
-    n_embd: int = 128  # width of the residual stream
-    block_size: int = 64  # context length in tokens
-    dropout: float = 0.0  # dropout probability while training
-    bias: bool = True  # biases in Linear layers and LayerNorms
-    model: dict = field(default_factory=dict)  # further GPTConfig fields, e.g. {"norm": "rmsnorm"}
-    # optimisation
-    batch_size: int = 12  # sequences per micro-batch (per rank)
-    grad_accum_steps: int = 1  # micro-batches per optimiser step
-    max_iters: int = 2000  # optimiser steps
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # floor of the cosine schedule
-    warmup_iters: int = 100  # linear warm-up from 0 to lr over this many steps
-    lr_decay_iters: int | None = None  # end of the cosine; None: max_iters
-    weight_decay: float = 0.1  # Linear weights only (see minigpt.optim.param_groups)
-    beta1: float = 0.9  # AdamW first-moment decay
-    beta2: float = 0.99  # AdamW second-moment decay
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    optimizer: str = "torch"  # "torch" (torch.optim.AdamW, fused/foreach) or "scratch"
-    # evaluation, stopping, logging
-    eval_interval: int = 250  # estimate train/val loss every this many steps (and at the end)
-    eval_iters: int = 20  # batches per estimate (fixed, evenly spaced windows)
-    early_stop_patience: int = 0  # stop after this many evals without a better val loss; 0: off
-    checkpoint_interval: int = 0  # also checkpoint every this many steps; 0: at evals only
-    # system
-    seed: int = 1337  # seeds python, numpy, torch and the batch sampler
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    dtype: str = "float32"  # "float32" or "bfloat16" (autocast)
-    compile: bool = False  # torch.compile the model
-    num_threads: int = 0  # torch intra-op threads; 0: torch's default (one per core)
-    out_dir: str = "out/run"  # log.jsonl, ckpt.pt and the exported model go here
-    resume: bool = False  # continue from out_dir/ckpt.pt if it exists
-    progress: bool = True  # tqdm progress bar
 
-    def __post_init__(self) -> None:
-        checks = {
-            "tokenizer": self.tokenizer in ("char", "bpe"),
-            "optimizer": self.optimizer in ("torch", "scratch"),
-            "dtype": self.dtype in ("float32", "bfloat16"),
-            "batch_size": self.batch_size >= 1,
-            "grad_accum_steps": self.grad_accum_steps >= 1,
-            "max_iters": self.max_iters >= 1,
-            "eval_interval": self.eval_interval >= 1,
-            "eval_iters": self.eval_iters >= 1,
-            "val_fraction": 0 < self.val_fraction < 1,
-            "warmup_iters": 0 <= self.warmup_iters <= self.decay_iters,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            k = bad[0]
-            raise ValueError(f"invalid TrainConfig value {k}={getattr(self, k)!r}; "
-                             "see `python -m minigpt train --help` for allowed values")
+class TrainingInterrupted(Exception):
+    """A signal stopped training; a checkpoint of the last finished step was saved."""
 
-    @property
-    def decay_iters(self) -> int:
-        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Build from a dict (a config file); unknown keys raise a ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
+    def __init__(self, signum: int, iteration: int, checkpoint: Path | None) -> None:
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        name = signal.Signals(signum).name if signum else "a signal"
+        saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint written"
+        super().__init__(f"interrupted by {name} after step {iteration}: {saved}; "
+                         "continue with --set resume=true")
 
 
 @dataclass
@@ -142,53 +86,13 @@ class TrainResult:
     tokens_per_s: float  # training throughput (all ranks)
 
 
-# ---------------------------------------------------------------------------- data
-def bins_dir(cfg: TrainConfig) -> Path:
-    """Where the token bins of this dataset + tokenizer live (in the minigpt cache)."""
-    name = Path(cfg.dataset).stem if _is_file(cfg.dataset) else cfg.dataset
-    tok = "char" if cfg.tokenizer == "char" else f"bpe{cfg.bpe_vocab_size}"
-    return data.cache_dir() / "bins" / f"{name}-{tok}-val{cfg.val_fraction:g}"
-
-
-def _is_file(dataset: str) -> bool:
-    return dataset.endswith((".txt", ".md")) or os.sep in dataset or Path(dataset).is_file()
-
-
-def prepare_data(cfg: TrainConfig, tokenizer=None) -> tuple[object, np.ndarray, np.ndarray]:
-    """The tokenizer and the train/val token arrays (memory-mapped bins), built once.
-
-    ``tokenizer`` (e.g. a shipped model's) replaces the one ``cfg`` describes.
-    """
-    source = Path(cfg.dataset) if _is_file(cfg.dataset) else data.path(cfg.dataset)
-    if not source.is_file():
-        raise ValueError(f"dataset file {source} does not exist")
-    out = bins_dir(cfg)
-    if tokenizer is None:
-        text = source.read_text(encoding="utf-8")
-        if cfg.tokenizer == "char":
-            tokenizer = CharTokenizer.from_text(text)
-        else:
-            tokenizer = _bpe_tokenizer(text[: int(len(text) * (1 - cfg.val_fraction))], cfg, out)
-    data.prepare_bin(source, tokenizer, out, val_fraction=cfg.val_fraction)
-    return tokenizer, data.load_bin(out / "train.bin"), data.load_bin(out / "val.bin")
-
-
-def _bpe_tokenizer(train_text: str, cfg: TrainConfig, out: Path):
-    """Train a byte-level BPE on the training text (cached as ``tokenizer.json``)."""
-    cached = out / "tokenizer.json"
-    if cached.is_file():
-        return data.load_tokenizer(json.loads(cached.read_text(encoding="utf-8")))
-    specials = ["<|endoftext|>"]
-    vocab, merges = train_bpe_from_text(train_text, cfg.bpe_vocab_size, specials)
-    tokenizer = Tokenizer(vocab, merges, specials)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(tokenizer.to_dict()), encoding="utf-8")
-    os.replace(tmp, cached)
-    return tokenizer
-
-
 # ---------------------------------------------------------------------------- evaluation
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
 def estimate_loss(
     model: torch.nn.Module,
@@ -215,265 +119,269 @@ def estimate_loss(
     model.eval()
     device = next(model.parameters()).device
     offsets = np.arange(block_size + 1)
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, len(starts), batch_size):
         windows = torch.from_numpy(np.asarray(tokens)[starts[i : i + batch_size, None] + offsets]
                                    .astype(np.int64)).to(device)
         with _autocast(device, dtype):
             _, loss = model(windows[:, :-1], windows[:, 1:])
-        total += loss.item() * windows.size(0)
-        count += windows.size(0)
+        total += loss.double() * windows.size(0)
     model.train(was_training)
-    return total / count
+    return total.item() / len(starts)
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-# ---------------------------------------------------------------------------- distributed
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False  # we created the process group, so we destroy it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> Distributed:
-    """Join the process group torchrun describes (env RANK, WORLD_SIZE, ...), if any.
-
-    Backend nccl on GPUs, gloo on CPUs. Without torchrun: a single process, no group.
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "WORLD_SIZE" not in os.environ:
-        return Distributed(device=torch.device(device))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    owns = not torch_dist.is_initialized()
-    if owns:
-        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Distributed(rank, world, local_rank, dev, owns)
-
-
-def wrap_model(model: torch.nn.Module, dist: Distributed) -> torch.nn.Module:
-    """DistributedDataParallel around ``model`` when there is more than one process."""
-    if dist.world_size == 1:
-        return model
-    return DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-
-
+# ---------------------------------------------------------------------------- one step
 def accumulate_gradients(
     model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], dtype: str
 ) -> torch.Tensor:
     """Forward + backward over micro-batches; the gradients are those of the mean loss.
 
-    With DDP, gradients are all-reduced (averaged over ranks) only on the last micro-batch.
-    Returns the mean loss of this rank (detached).
+    Under DDP, gradients are all-reduced (averaged over ranks) only on the last
+    micro-batch. Returns this rank's mean loss, detached and left on the device (reading
+    it back would make the CPU wait for the GPU at every step).
     """
-    total = torch.zeros(())
     device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
-        last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
-        with sync:
+        with ddp.sync_gradients(model, sync=i == len(batches) - 1):
             with _autocast(device, dtype):
                 _, loss = model(x, y)
             (loss / len(batches)).backward()
-        total += loss.detach().float().cpu()
+        total += loss.detach().float()
     return total / len(batches)
 
 
-# ---------------------------------------------------------------------------- the loop
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over ``param_groups``: torch's (fused if available, else foreach) or ours."""
-    groups = param_groups(model, cfg.weight_decay)
-    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-    if cfg.optimizer == "scratch":
-        return AdamW(groups, **kw)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, ValueError):  # no fused kernel for this device/dtype
-        return torch.optim.AdamW(groups, foreach=True, **kw)
+    """``optim.make_optimizer`` with the run's settings (the one AdamW set-up fine-tuning
+    shares): decay groups, torch's fused AdamW or ours (``optimizer="scratch"``)."""
+    betas = (cfg.beta1, cfg.beta2)
+    scratch = cfg.optimizer == "scratch"
+    return optim.make_optimizer(model, cfg.lr, cfg.weight_decay, betas, scratch=scratch)
 
 
+class StopOnSignal:
+    """Within the block, SIGINT/SIGTERM/SIGHUP only record ``signum``; a second one interrupts.
+
+    The loop polls ``requested``: every step in one process; under DDP every ``every`` steps,
+    agreed between ranks (a collective), so all ranks stop at the same step.
+    """
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self, every: int = 10) -> None:
+        self.signum, self.every, self._old = 0, every, {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (getattr(signal, n) for n in self.NAMES if hasattr(signal, n)):
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGHUP under nohup
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def requested(self, dist: ddp.Distributed, it: int) -> bool:
+        if dist.world_size == 1:
+            return bool(self.signum)
+        return (it + 1) % self.every == 0 and ddp.any_rank(bool(self.signum), dist)
+
+
+# ---------------------------------------------------------------------------- a run
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _log(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+@dataclass
+class Run:
+    """The state of one training run and everything the loop does besides the step."""
+
+    cfg: TrainConfig
+    dist: ddp.Distributed
+    tokenizer: object
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    net: torch.nn.Module  # model, wrapped for DDP / torch.compile
+    gen: torch.Generator  # this rank's batch sampler
+    callback: Callback | None = None
+    iteration: int = 0  # optimiser steps done
+    history: list[dict] = field(default_factory=list)
+    best: float = math.inf
+    bad_evals: int = 0
+    losses: list[torch.Tensor] = field(default_factory=list)  # this call's, on the device
+    bar: tqdm | None = None
+    t_start: float = field(default_factory=time.perf_counter)  # includes data preparation
+    t_loop: float = field(default_factory=time.perf_counter)  # training steps only
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, callback: Callback | None = None) -> Run:
+        """Devices, data, model and optimiser; resumes ``out_dir/ckpt.pt`` if ``cfg.resume``."""
+        t_start = time.perf_counter()
+        dist = ddp.init_distributed(cfg.device)  # checks the device before reading data
+        ddp.set_threads(dist, cfg.num_threads)
+        _seed_everything(cfg.seed)
+        tokenizer, train_ids, val_ids = data.prepare_data(cfg.data_spec)
+        model = GPT(cfg.model_config(tokenizer.vocab_size)).to(dist.device)
+        optimizer = make_optimizer(model, cfg)
+        net = ddp.wrap_model(model, dist)
+        net = torch.compile(net) if cfg.compile else net
+        gen = torch.Generator().manual_seed(cfg.seed + dist.rank)  # per-rank batch sampling
+        torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout masks
+        run = cls(cfg, dist, tokenizer, train_ids, val_ids, model, optimizer, net, gen,
+                  callback, t_start=t_start)
+        run.resume()
+        if dist.main:
+            atomic_write_text(run.out / "log.jsonl",
+                                       "".join(json.dumps(r) + "\n" for r in run.history))
+        run.bar = tqdm(total=cfg.max_iters, initial=run.iteration, desc="train", unit="step",
+                       disable=not (cfg.progress and dist.main))
+        run.t_loop = time.perf_counter()
+        return run
+
+    def resume(self) -> None:
+        """Continue from ``out_dir/ckpt.pt`` when ``cfg.resume`` and the file exists."""
+        ckpt = self.out / "ckpt.pt"
+        if not (self.cfg.resume and ckpt.is_file()):
+            if self.cfg.resume and self.dist.main:
+                print(f"no checkpoint at {ckpt}; starting from scratch")
+            return
+        state = read_checkpoint(ckpt)
+        check_model_config(json.loads(state["model_config"]), self.model.config.to_dict())
+        self.iteration = load_checkpoint(state, self.model, self.optimizer)
+        extra = state["extra"]
+        self.gen.set_state(extra["generator"][self.dist.rank])
+        self.history, self.best = extra["history"], extra["best_val"]
+        self.bad_evals = extra["bad_evals"]
+
+    def lr(self, it: int) -> float:
+        cfg = self.cfg
+        return lr_at(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters)
+
+    def evaluate(self, it: int) -> bool:
+        """At an evaluation step: estimate, log, call back, checkpoint. True: stop early."""
+        if self.history and self.history[-1]["iter"] >= it:  # done before a resume
+            return False
+        cfg, steps = self.cfg, len(self.losses)
+        kw = dict(block_size=cfg.block_size, batch_size=cfg.batch_size,
+                  max_batches=cfg.eval_iters, dtype=cfg.dtype)
+        elapsed = max(time.perf_counter() - self.t_loop, 1e-9)
+        record = {"iter": it, "lr": self.lr(it),
+                  "train_loss": estimate_loss(self.model, self.train_ids, **kw),
+                  "val_loss": estimate_loss(self.model, self.val_ids, **kw),
+                  "tokens_per_s": round(self.tokens_per_step * steps / elapsed, 1)}
+        self.history.append(record)
+        better = record["val_loss"] < self.best
+        self.best, self.bad_evals = (record["val_loss"], 0) if better else (
+            self.best, self.bad_evals + 1)
+        if self.dist.main:
+            tracking.append_record(self.out / "log.jsonl", record)
+            if self.bar is not None and not self.bar.disable:
+                self.bar.write(f"step {it}: train loss {record['train_loss']:.4f}, "
+                               f"val loss {record['val_loss']:.4f}")
+            if self.callback is not None:
+                self.callback(record)
+        if it > 0:
+            self.checkpoint(it)
+        stop = bool(cfg.early_stop_patience) and self.bad_evals >= cfg.early_stop_patience
+        if stop and self.dist.main:
+            tqdm.write(f"early stop at step {it}: no better val loss in {self.bad_evals} evals")
+        return stop
+
+    @property
+    def tokens_per_step(self) -> int:
+        cfg = self.cfg
+        return cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * self.dist.world_size
+
+    def checkpoint(self, it: int) -> None:
+        """Save the full training state at step ``it`` (rank 0 writes; all ranks take part)."""
+        gens = ddp.gather(self.gen.get_state(), self.dist)
+        if not self.dist.main:
+            return
+        path = self.out / "ckpt.pt"
+        extra = {"config": json.dumps(self.cfg.to_dict()), "generator": gens,
+                 "history": self.history, "best_val": self.best, "bad_evals": self.bad_evals,
+                 "tokenizer": json.dumps(self.tokenizer.to_dict())}
+        try:
+            save_checkpoint(self.model, self.optimizer, it, path, extra=extra)
+        except OSError as e:
+            raise CheckpointWriteError(f"could not write the checkpoint {path}: "
+                                       f"{e.strerror or e}; the previous checkpoint is intact "
+                                       "(free some space, then resume)") from None
+
+    def step_done(self, it: int, loss: torch.Tensor) -> None:
+        """Record a step's loss (kept on the device); the progress bar reads it every 10 steps."""
+        self.iteration = it + 1
+        self.losses.append(ddp.mean_over_ranks(loss, self.dist))
+        self.bar.update(1)
+        if not self.bar.disable and (len(self.losses) % 10 == 0 or it == self.cfg.max_iters - 1):
+            elapsed = max(time.perf_counter() - self.t_loop, 1e-9)
+            self.bar.set_postfix(loss=f"{self.losses[-1].item():.3f}",
+                                 tok_s=f"{self.tokens_per_step * len(self.losses) / elapsed:,.0f}")
+
+    def finish(self) -> TrainResult:
+        """Final whole-split validation loss, summary line, exported model."""
+        self.bar.close()
+        loop_time = max(time.perf_counter() - self.t_loop, 1e-9)
+        val_loss = estimate_loss(self.model, self.val_ids, self.cfg.block_size,
+                                 dtype=self.cfg.dtype)
+        losses = torch.stack(self.losses).tolist() if self.losses else []
+        tokens_per_s = self.tokens_per_step * len(losses) / loop_time
+        wall = time.perf_counter() - self.t_start
+        if self.dist.main:
+            summary = {"iterations": self.iteration, "val_loss": val_loss, "wall_time": wall,
+                       "tokens_per_s": tokens_per_s, "params": self.model.num_params()}
+            tracking.append_record(self.out / "log.jsonl", {"final": summary})
+            export_model(self.model, self.tokenizer, self.out,
+                         train={"config": self.cfg.to_dict(), **summary})
+        ddp.finish(self.dist)
+        return TrainResult(self.model, self.tokenizer, self.iteration, losses, self.history,
+                           val_loss, wall, tokens_per_s)
 
 
-def train(cfg: TrainConfig, callback: Callable[[dict], None] | None = None) -> TrainResult:
+# ---------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     """Run (or resume) a training run; see ``TrainConfig`` for every option.
 
-    ``callback(record)`` is called on the main rank after each evaluation with the logged
-    record (iteration, lr, train/val loss, tokens/s) — e.g. for a live plot.
+    ``callback(record)`` is called on the main rank after each evaluation with the
+    logged record (iteration, lr, train/val loss, tokens/s), e.g. for a live plot.
     """
-    t_start = time.perf_counter()
-    dist = init_distributed(cfg.device)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    elif dist.world_size > 1 and dist.device.type == "cpu":  # share the cores between ranks
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
-    _seed_everything(cfg.seed)
-    tokenizer, train_ids, val_ids = prepare_data(cfg)
-    model_cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size,
-                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                          dropout=cfg.dropout, bias=cfg.bias, **cfg.model)
-    model = GPT(model_cfg).to(dist.device)
-    optimizer = make_optimizer(model, cfg)
-    out = Path(cfg.out_dir)
-    ckpt_path, log_path = out / "ckpt.pt", out / "log.jsonl"
-    gen = torch.Generator().manual_seed(cfg.seed + dist.rank)  # per-rank batch sampling
-    torch.manual_seed(cfg.seed + dist.rank)  # per-rank dropout masks
-    start, history, best, bad_evals = 0, [], math.inf, 0
-    if cfg.resume and ckpt_path.is_file():
-        state = read_checkpoint(ckpt_path)
-        check_model_config(json.loads(state["model_config"]), model_cfg.to_dict())
-        start = load_checkpoint(state, model, optimizer)
-        extra = state["extra"]
-        gen.set_state(extra["generator"][dist.rank])
-        history, best, bad_evals = extra["history"], extra["best_val"], extra["bad_evals"]
-    elif cfg.resume and dist.main:
-        print(f"no checkpoint at {ckpt_path}; starting from scratch")
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
-    net = wrap_model(model, dist)
-    if cfg.compile:
-        net = torch.compile(net)
-
-    def checkpoint(it: int) -> None:
-        gens = [gen.get_state()]
-        if dist.world_size > 1:  # rank 0 saves every rank's sampler state
-            gens = [torch.empty_like(gens[0]) for _ in range(dist.world_size)]
-            torch_dist.all_gather(gens, gen.get_state())
-        if dist.main:
-            extra = {"config": json.dumps(cfg.to_dict()), "generator": gens, "history": history,
-                     "best_val": best, "bad_evals": bad_evals,
-                     "tokenizer": json.dumps(tokenizer.to_dict())}
-            save_checkpoint(model, optimizer, it, ckpt_path, extra=extra)
-
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * dist.world_size
-    losses: list[float] = []
-    bar = tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters,
-               disable=not (cfg.progress and dist.main), desc="train", unit="step")
-    t_loop, it = time.perf_counter(), start
-    for it in bar:
-        lr = lr_at(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters)
-        if it % cfg.eval_interval == 0 and it > start or (it == 0 and start == 0):
-            record = _evaluate(model, train_ids, val_ids, cfg, it, lr)
-            record["tokens_per_s"] = round(tokens_per_step * len(losses)
-                                           / max(time.perf_counter() - t_loop, 1e-9), 1)
-            history.append(record)
-            best, bad_evals = ((record["val_loss"], 0) if record["val_loss"] < best
-                               else (best, bad_evals + 1))
-            if dist.main:
-                _log(log_path, record)
-                if callback is not None:
-                    callback(record)
-            if it > start:
-                checkpoint(it)
-            if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
-                if dist.main:
-                    bar.write(f"early stop at step {it}: no better val loss in {bad_evals} evals")
-                break
-        elif cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it > start:
-            checkpoint(it)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches = [data.get_batch(train_ids, cfg.batch_size, cfg.block_size, dist.device, gen)
-                   for _ in range(cfg.grad_accum_steps)]
-        loss = accumulate_gradients(net, batches, cfg.dtype)
-        if cfg.grad_clip > 0:
-            clip_grad_norm(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if dist.world_size > 1:
-            torch_dist.all_reduce(loss)
-            loss /= dist.world_size
-        losses.append(loss.item())
-        if len(losses) % 10 == 0 or it == cfg.max_iters - 1:
-            elapsed = time.perf_counter() - t_loop
-            bar.set_postfix(loss=f"{losses[-1]:.3f}",
-                            tok_s=f"{tokens_per_step * len(losses) / elapsed:,.0f}")
-    else:
-        it = cfg.max_iters
-        if start < it:  # not a resume of a finished run
-            record = _evaluate(model, train_ids, val_ids, cfg, it,
-                               lr_at(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters))
-            history.append(record)
-            if dist.main:
-                _log(log_path, record)
-                if callback is not None:
-                    callback(record)
-            checkpoint(it)
-    loop_time = time.perf_counter() - t_loop
-    bar.close()
-    val_loss = estimate_loss(model, val_ids, cfg.block_size, dtype=cfg.dtype)
-    wall = time.perf_counter() - t_start
-    tokens_per_s = tokens_per_step * len(losses) / max(loop_time, 1e-9)
-    if dist.main:
-        summary = {"iterations": it, "val_loss": val_loss, "wall_time": wall,
-                   "tokens_per_s": tokens_per_s, "params": model.num_params()}
-        _log(log_path, {"final": summary})
-        export_model(model, tokenizer, out, train={"config": cfg.to_dict(), **summary})
-    if dist.owns_group:
-        torch_dist.destroy_process_group()
-    return TrainResult(model, tokenizer, it, losses, history, val_loss, wall, tokens_per_s)
-
-
-def _evaluate(model, train_ids, val_ids, cfg: TrainConfig, it: int, lr: float) -> dict:
-    """Train and val loss on fixed windows (``cfg.eval_iters`` batches each)."""
-    kw = dict(block_size=cfg.block_size, batch_size=cfg.batch_size, max_batches=cfg.eval_iters,
-              dtype=cfg.dtype)
-    return {"iter": it, "lr": lr, "train_loss": estimate_loss(model, train_ids, **kw),
-            "val_loss": estimate_loss(model, val_ids, **kw)}
-
-
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The evaluation records of a ``log.jsonl`` (the final summary line left out)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if "final" not in r]
-
-
-def plot_losses(records: list[dict] | str | os.PathLike, ax=None, title: str = "Loss curve"):
-    """Plot train and val loss against the step from log records (or a log.jsonl path)."""
-    import matplotlib.pyplot as plt
-
-    if not isinstance(records, list):
-        records = read_log(records)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [r["iter"] for r in records]
-    ax.plot(steps, [r["train_loss"] for r in records], "o-", label="train")
-    ax.plot(steps, [r["val_loss"] for r in records], "s-", label="validation")
-    ax.set(title=title, xlabel="optimiser step", ylabel="cross-entropy loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return ax
+    with StopOnSignal() as stop:
+        run = Run.start(cfg, callback)  # data, model, optimiser; resumes a checkpoint
+        for it in range(run.iteration, cfg.max_iters):
+            if it % cfg.eval_interval == 0:
+                if run.evaluate(it):  # estimate, log, call back, checkpoint
+                    break  # early stopping
+            elif cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0:
+                run.checkpoint(it)
+            batches = [data.get_batch(run.train_ids, cfg.batch_size, cfg.block_size,
+                                      run.dist.device, run.gen)
+                       for _ in range(cfg.grad_accum_steps)]
+            loss = accumulate_gradients(run.net, batches, cfg.dtype)
+            optimizer_step(run.optimizer, run.lr(it), cfg.grad_clip)  # lr, clip, step
+            run.step_done(it, loss)  # the loss stays on the device
+            if stop.requested(run.dist, it):
+                run.checkpoint(it + 1)
+                raise TrainingInterrupted(stop.signum, it + 1, run.out / "ckpt.pt")
+        else:
+            run.evaluate(cfg.max_iters)  # the final evaluation and checkpoint
+        return run.finish()
 
 
 __all__ = [
-    "CheckpointError", "TrainConfig", "TrainResult", "accumulate_gradients", "bins_dir",
-    "estimate_loss", "export_model", "init_distributed", "load_checkpoint", "load_model",
-    "make_optimizer", "plot_losses", "prepare_data", "read_log", "save_checkpoint", "train",
-    "wrap_model",
+    "CheckpointWriteError", "ConfigError", "Run", "StopOnSignal", "TrainConfig", "TrainResult",
+    "TrainingInterrupted", "accumulate_gradients", "estimate_loss", "make_optimizer", "train",
 ]
