@@ -62,7 +62,8 @@ class MetricsLogger:
         self.writer = None if tensorboard_dir is None else _summary_writer(tensorboard_dir)
 
     def log(self, step: int, **metrics: float | int | str | bool | None) -> None:
-        """Record ``metrics`` at ``step``: a JSONL line; numbers also as TensorBoard scalars."""
+        """Record ``metrics`` at ``step``: a JSONL line; numbers also as TensorBoard
+        scalars."""
         if isinstance(step, bool) or not isinstance(step, int):
             raise ValueError(f"step must be an int, got {step!r}")
         if self.step_key in metrics:
