@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt.checkpoint import read_checkpoint
+from minigpt.checkpoint import MANIFEST, file_record, read_checkpoint
 from minigpt.cli import CONFIG_DIRS, load_config, main
 from minigpt.train import TrainConfig
 
@@ -213,6 +213,10 @@ def test_eval_never_reads_a_local_file_named_by_a_model_config(run_dir, tmp_path
     config = json.loads((run_dir / "config.json").read_text())
     config["train"]["config"]["dataset"] = str(secret)
     (run_dir / "config.json").write_text(json.dumps(config))
+    # a crafted folder comes with a manifest that matches its crafted config
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    manifest["files"]["config.json"] = file_record(run_dir / "config.json")
+    (run_dir / MANIFEST).write_text(json.dumps(manifest))
     cache = tmp_path / "cache"
     before = sorted(p for p in cache.rglob("*"))
     capsys.readouterr()

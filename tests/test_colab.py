@@ -50,8 +50,8 @@ if "google.colab" in sys.modules:
     import subprocess
 
     if not os.path.isdir("/content/minigpt-book"):
-        subprocess.run(["git", "clone", "--depth=1",
-                        "https://github.com/minigpt-book/minigpt-book", "/content/minigpt-book"],
+        repo = "https://github.com/minigpt-book/minigpt-book"
+        subprocess.run(["git", "clone", "--depth=1", repo, "/content/minigpt-book"],
                        check=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e",
                         "/content/minigpt-book"], check=True)
