@@ -55,7 +55,7 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def word_corpus(tmp_path: Path, isolated_cache: Path) -> Path:
+def corpus(tmp_path: Path, isolated_cache: Path) -> Path:
     """A 600-line text file of Shakespeare-ish words (seeded), with an isolated cache."""
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(600)]

@@ -9,7 +9,9 @@ the end (a missing citation key, a dangling reference), plus some it would not r
 
 from __future__ import annotations
 
+import ast
 import re
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -231,3 +233,72 @@ def test_shown_source_is_the_current_package_source(path):
     assert not stale, (
         "saved source differs from src/minigpt (re-execute the notebook):\n" + "\n".join(stale)
     )
+
+
+def code_lines(source: str) -> int:
+    """Lines of a def/class source, not counting docstrings (of it and of what it contains)."""
+    tree = ast.parse(textwrap.dedent(source))
+    doc_lines: set[int] = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            value = body[0].value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                doc_lines.update(range(body[0].lineno, body[0].end_lineno + 1))
+    lines = textwrap.dedent(source).strip("\n").splitlines()
+    return sum(1 for n, line in enumerate(lines, 1) if line.strip() and n not in doc_lines)
+
+
+SHOWN_LINES, SHOWN_COLUMNS = 60, 88
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_shown_source_fits_one_screen(path):
+    """Every object a chapter displays is a lesson: at most 60 lines (docstrings aside) and
+    88 columns, so the rendered page neither scrolls sideways nor hides the algorithm."""
+    notebook = nbformat.read(path, as_version=4)
+    too_big = []
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code" or "show_source(" not in cell.source:
+            continue
+        for output in cell.outputs:
+            text = output.get("data", {}).get("text/plain")
+            if text is None:
+                continue
+            name = text.strip().splitlines()[0][:60]
+            width = max(len(line) for line in text.splitlines())
+            if code_lines(text) > SHOWN_LINES or width > SHOWN_COLUMNS:
+                too_big.append(f"cell {index} {name!r}: {code_lines(text)} lines, {width} cols")
+    assert not too_big, "displayed objects larger than one screen:\n" + "\n".join(too_big)
+
+
+def test_no_package_function_is_longer_than_60_lines():
+    """One idea per function: no function or method in src/minigpt over 60 lines, docstring
+    excluded."""
+    long = []
+    for file in sorted((ROOT / "src" / "minigpt").glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                first = body[0]
+                is_doc = isinstance(first, ast.Expr) and isinstance(
+                    getattr(first, "value", None), ast.Constant
+                )
+                start = body[1].lineno if is_doc and len(body) > 1 else first.lineno
+                if node.end_lineno - start + 1 > 60:
+                    long.append(f"{file.name}:{node.lineno} {node.name}")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_code_fits_88_columns(path):
+    """The book shows code at 88 columns; wider lines wrap and are hard to read."""
+    notebook = nbformat.read(path, as_version=4)
+    wide = [
+        f"cell {index}: {len(line)} columns: {line[:50]!r}"
+        for index, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if len(line) > SHOWN_COLUMNS
+    ]
+    assert not wide, "code lines wider than 88 columns:\n" + "\n".join(wide)

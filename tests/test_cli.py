@@ -89,6 +89,7 @@ def test_shipped_configs_are_valid():
     assert ROOT / "configs" in CONFIG_DIRS  # found from the package in an editable install
 
 
+@pytest.mark.slow
 def test_help_explains_every_option():
     out = subprocess.run([sys.executable, "-m", "minigpt", "train", "--help"], cwd="/",
                          capture_output=True, text=True, check=True).stdout
@@ -188,6 +189,7 @@ def test_device_and_model_keys_are_checked_before_data_preparation(tmp_path, mon
     assert not cache.exists()  # no data was read or tokenised
 
 
+@pytest.mark.slow
 def test_help_shows_defaults_and_types():
     out = subprocess.run([sys.executable, "-m", "minigpt", "train", "--help"], cwd="/",
                          capture_output=True, text=True, check=True).stdout
@@ -243,6 +245,7 @@ def _tiny_cli_config(tmp_path: Path, **kw) -> Path:
     return cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
                                        (signal.SIGHUP, 129)])
 def test_signal_during_train_saves_a_checkpoint_and_exits_in_one_line(tmp_path, sig, code):

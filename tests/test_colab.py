@@ -245,6 +245,7 @@ print(json.dumps(failures))
 """
 
 
+@pytest.mark.slow
 def test_notebook_imports_succeed_without_the_book_toolchain():
     """The real imports, in a Python where jupyter-book, myst-nb, Sphinx, pytest... are absent."""
     imports = {path.name: [ast.unparse(s) for s in notebook_imports(path)] for path in NOTEBOOKS}

@@ -79,6 +79,7 @@ def ranks(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 def test_ddp_gradients_equal_single_process(ranks):
     model = _model()
     accumulate_gradients(model, [_global_batch()], "float32")
@@ -87,6 +88,7 @@ def test_ddp_gradients_equal_single_process(ranks):
             torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_trainer_under_ddp(ranks):
     assert ranks[0]["wrote"] and not ranks[1]["wrote"]
     for k, v in ranks[0]["state"].items():
@@ -94,6 +96,7 @@ def test_trainer_under_ddp(ranks):
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the all-rank mean
 
 
+@pytest.mark.slow
 def test_only_rank_0_prints_the_validation_loss(ranks):
     lines = ranks[0]["printed"].splitlines()
     assert [ln.split(":")[0] for ln in lines if "val loss" in ln] == ["step 0", "step 3"]

@@ -35,19 +35,6 @@ from minigpt.train import (
     train,
 )
 
-WORDS = ("the king is dead long live the queen my lord speak thou art a fool "
-         "what light through yonder window breaks now is the winter of our discontent").split()
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(600)]
-    f = tmp_path / "tiny.txt"
-    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return f
-
 
 def tiny_config(corpus: Path, out: Path, **kw) -> TrainConfig:
     base = dict(dataset=str(corpus), n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
@@ -254,6 +241,7 @@ def test_config_rejects_unknown_and_bad_values():
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["shakespeare-char", "shakespeare-bpe"])
 def test_shipped_model_matches_manifest_and_reproduces_val_loss(name):
     import hashlib
