@@ -62,6 +62,7 @@ def edit_config(directory: Path, edit) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
+@pytest.mark.slow
 def test_export_and_reload_every_tokenizer_kind(kind, tmp_path):
     tok = tokenizer_of(kind)
     model = tiny(tok.vocab_size)

@@ -247,6 +247,7 @@ def test_a_body_announced_too_long_is_refused_before_reading(cache, server):
     assert _files(cache) == []
 
 
+@pytest.mark.slow
 def test_a_dripping_server_hits_the_overall_deadline(cache, server, monkeypatch):
     monkeypatch.setattr(data, "DOWNLOAD_GRACE_S", 1.0, raising=False)
     monkeypatch.setattr(data, "MIN_BYTES_PER_S", 1e12, raising=False)  # deadline: 1 s
@@ -536,6 +537,7 @@ def test_get_batch_uses_every_window_and_rejects_short_data():
 
 
 @needs_mirror
+@pytest.mark.slow
 def test_load_tokenizer_rebuilds_every_kind_of_description(cache, monkeypatch):
     monkeypatch.setenv(data.MIRROR_ENV, MIRROR)
     gpt2 = data.gpt2_tokenizer()
@@ -557,6 +559,7 @@ def test_load_tokenizer_rebuilds_every_kind_of_description(cache, monkeypatch):
 
 
 @needs_mirror
+@pytest.mark.slow
 def test_prepare_bin_identifies_gpt2_by_content_not_by_path(cache, tmp_path, monkeypatch):
     monkeypatch.setenv(data.MIRROR_ENV, MIRROR)
     here = data.gpt2_tokenizer()

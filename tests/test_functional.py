@@ -219,6 +219,7 @@ finite_floats = st.floats(
 
 @settings(max_examples=200, deadline=None, database=None)
 @given(st.lists(finite_floats, min_size=1, max_size=16), st.floats(-1e3, 1e3, width=32))
+@pytest.mark.slow
 def test_softmax_properties(values, shift):
     x = torch.tensor(values, dtype=torch.float32)
     p = softmax(x)

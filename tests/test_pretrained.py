@@ -102,6 +102,7 @@ def test_save_hf_writes_special_ids_inside_the_vocabulary(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["own-bpe", "gpt2"])
+@pytest.mark.slow
 def test_save_hf_writes_tokenizer_files_transformers_reads(kind, tmp_path):
     text = "the king is dead, long live the queen! " * 40
     if kind == "gpt2":

@@ -108,6 +108,7 @@ def test_training_rejects_bad_arguments():
         train_bpe_from_text("abc", 300, [EOT, EOT])
 
 
+@pytest.mark.slow
 def test_fast_training_equals_naive_on_shakespeare_slice(shakespeare):
     text = shakespeare[:8_000] + EOT + shakespeare[8_000:12_000]
     assert train_bpe_from_text(text, 400, [EOT]) == train_bpe_naive(text, 400, [EOT])
@@ -133,6 +134,7 @@ def test_gpt2_layout(gpt2):
     assert gpt2.encode(" the") == [262] and gpt2.decode([15496, 995]) == "Hello world"
 
 
+@pytest.mark.slow
 def test_gpt2_equals_tiktoken_on_all_of_shakespeare(gpt2, tiktoken_gpt2, shakespeare):
     ids = gpt2.encode(shakespeare)
     assert ids == tiktoken_gpt2.encode(shakespeare)
@@ -263,6 +265,7 @@ def chunked(text: str, cuts: list[int]) -> list[str]:
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(stream_text, st.lists(st.integers(0, 1000), max_size=12))
+@pytest.mark.slow
 def test_encode_iterable_property_gpt2(gpt2, text, cuts):
     assert list(gpt2.encode_iterable(chunked(text, cuts))) == gpt2.encode(text)
 
@@ -271,6 +274,7 @@ def test_encode_iterable_property_gpt2(gpt2, text, cuts):
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(stream_text, st.lists(st.integers(0, 1000), max_size=12))
+@pytest.mark.slow
 def test_encode_iterable_property_trained_bpe(two_specials, text, cuts):
     assert list(two_specials.encode_iterable(chunked(text, cuts))) == two_specials.encode(text)
 
@@ -304,6 +308,7 @@ def test_save_load_and_dict_round_trip(small_bpe, tmp_path):
         Tokenizer.load(tmp_path / "tok")
 
 
+@pytest.mark.slow
 def test_gpt2_to_dict_names_the_published_files_by_hash_not_by_path(gpt2, tmp_path):
     d = json.loads(json.dumps(gpt2.to_dict()))
     assert d == {
@@ -366,6 +371,7 @@ def test_special_token_spelled_like_a_regular_token(tmp_path):
         tok.save(tmp_path)
 
 
+@pytest.mark.slow
 def test_gpt2_files_with_an_extra_special_token():
     tok = Tokenizer.from_gpt2_files(
         data.path("gpt2-encoder"), data.path("gpt2-vocab"), [EOT, "<|pad|>"]
@@ -382,6 +388,7 @@ def test_gpt2_files_with_an_extra_special_token():
     st.lists(st.integers(0, 3), max_size=40),
     st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), max_size=12),
 )
+@pytest.mark.slow
 def test_apply_merges_heap_equals_apply_merges(ids, pairs):
     # random merges over symbols 0-3 and merged symbols 10, 11, ... in any rank order,
     # including pairs that repeat one symbol ("aaa"), whose overlaps merge left to right
@@ -439,6 +446,7 @@ def test_vocab_may_hold_other_tokens_that_only_decode(small_bpe, tmp_path):
         assert again.vocab == tok.vocab and again.special_tokens == tok.special_tokens
 
 
+@pytest.mark.slow
 def test_gpt2_without_declared_special_token_treats_it_as_text(tiktoken_gpt2):
     plain = data.gpt2_tokenizer(special_tokens=())
     assert plain.special_tokens == {} and plain.vocab_size == 50257
@@ -451,6 +459,7 @@ def test_gpt2_without_declared_special_token_treats_it_as_text(tiktoken_gpt2):
     assert data.load_tokenizer(plain.to_dict()).encode(text) == ids
 
 
+@pytest.mark.slow
 def test_repr_names_kind_size_and_counts(gpt2, small_bpe, two_specials):
     assert repr(gpt2) == (
         "Tokenizer(kind='gpt2', vocab_size=50257, merges=50000, special_tokens=1, other_tokens=0)"

@@ -122,6 +122,7 @@ def _trainer_log(path, losses):
     return path
 
 
+@pytest.mark.slow
 def test_reading_trainer_logs_and_comparing(tmp_path):
     a = _trainer_log(tmp_path / "run-a" / "log.jsonl", [3.0, 2.0, 2.2])
     b = _trainer_log(tmp_path / "run-b" / "log.jsonl", [3.0, 2.5, 1.9])
