@@ -1,7 +1,8 @@
 """Sweep training recipes for character-level Tiny Shakespeare; write the results to a JSON file.
 
-Each variant is a config file (``configs/NAME.json``) plus overrides, trained in its own process
-with ``python -m minigpt train`` so that runs share no state. Recorded per run: the exact
+Each variant is a shipped config (``src/minigpt/configs/NAME.json``, named by ``--config NAME``)
+plus overrides, trained in its own process with ``python -m minigpt train`` so that runs share
+no state. Recorded per run: the exact
 command, parameters, steps, training tokens, torch threads, the 1-minute load average before the
 run (a busy machine inflates wall times; loss does not depend on load), wall time (data
 preparation to the end of the final evaluation), throughput and the loss on the whole

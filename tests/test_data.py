@@ -568,3 +568,31 @@ def test_prepare_bin_identifies_gpt2_by_content_not_by_path(cache, tmp_path, mon
     elsewhere = BPETokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
     first = data.prepare_bin(TEXT, here, tmp_path / "bin")
     assert data.prepare_bin(TEXT, elsewhere, tmp_path / "bin") == first
+
+
+def test_prepare_data_hashes_each_bin_once_per_call(cache, tmp_path, monkeypatch):
+    """Building or reusing bins reads each one once: no second SHA-256 to map it."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 20, encoding="utf-8")
+    real, digests = hashlib.sha256, []
+
+    class CountingSha256:
+        def __init__(self, *args: bytes) -> None:
+            self.h = real(*args)
+
+        def update(self, block: bytes) -> None:
+            self.h.update(block)
+
+        def hexdigest(self) -> str:
+            digests.append(self.h.hexdigest())
+            return digests[-1]
+
+    monkeypatch.setattr(hashlib, "sha256", CountingSha256)
+    spec = data.DataSpec(dataset=str(corpus))
+    for _ in range(2):  # the first call writes the bins, the second checks the cached ones
+        digests.clear()
+        tok, train, val = data.prepare_data(spec)
+        meta = json.loads((data.bins_dir(spec) / "meta.json").read_text())
+        for name in data.BIN_FILES:
+            assert digests.count(meta["files"][name]["sha256"]) == 1, name
+        assert len(train) + len(val) == len(TEXT) * 20 and tok.vocab_size == len(set(TEXT))

@@ -1,17 +1,25 @@
 """The package's shape, checked statically: one-way imports at module tops, a docstring at
 the top of every module, and the KV cache's tensors touched only by the cache itself.
 
-These read ``src/minigpt`` as text (``ast``); nothing is imported or run.
+These read ``src/minigpt`` as text (``ast``); nothing is imported or run. The last test
+builds the wheel and installs it into a fresh virtual environment: what a user of
+``pip install`` gets (the configs as package data, the ``minigpt`` console script).
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "minigpt"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "minigpt"
 MODULES = sorted(SRC.glob("*.py"))
 
 
@@ -89,3 +97,37 @@ def test_only_the_kv_cache_touches_its_tensors():
                     and isinstance(node.value, ast.Name) and "cache" in node.value.id):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, f"KV cache tensors touched outside KVCache: {offenders}"
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_configs_and_a_console_script(tmp_path):
+    project = tmp_path / "project"  # a copy: building writes build/ and *.egg-info
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, project / name)
+    shutil.copytree(ROOT / "src", project / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(project), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
+                   check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("minigpt-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        shipped = {Path(n).name for n in names if n.startswith("minigpt/configs/")}
+        entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt")))
+    assert shipped == {p.name for p in (SRC / "configs").glob("*.json")} != set()
+    assert "minigpt = minigpt.cli:main" in entry_points.decode()
+    # installed (not editable) beside the dependencies already here, run outside the checkout
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True)
+    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    subprocess.run([bin_dir / "python", "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-index", str(wheel)], check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = {"cwd": tmp_path, "env": env, "capture_output": True, "text": True, "check": True}
+    version = subprocess.run([bin_dir / "minigpt", "--version"], **run).stdout
+    assert version.startswith("minigpt ") and "+source" not in version
+    where = subprocess.run([bin_dir / "python", "-c", "from minigpt.cli import resolve_config;"
+                            "print(resolve_config('shakespeare_char'))"], **run).stdout.strip()
+    assert Path(where).is_relative_to(venv) and Path(where).name == "shakespeare_char.json"

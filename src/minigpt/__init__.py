@@ -10,8 +10,14 @@ modern variants), ``optim`` (AdamW, schedule, clipping, the optimisation step),
 ``generate`` (decoding), ``pretrained`` (GPT-2 weights), ``tuning``/``peft``/``finetune``/
 ``instruct`` (fine-tuning), ``scaling``/``quantize``/``tracking`` (engineering practice),
 ``book`` (helpers for the chapters) and ``cli`` (``python -m minigpt train | sample | eval
-| finetune``).
+| finetune``, also the ``minigpt`` console script). ``__version__`` is the installed
+distribution's version; in a source checkout that is not installed (only on ``sys.path``)
+it is read from the checkout's ``pyproject.toml``, marked ``+source``.
 """
+
+import re
+from importlib import metadata
+from pathlib import Path
 
 from minigpt.checkpoint import load_model
 from minigpt.generate import DecodeOptions, generate, stream
@@ -30,4 +36,19 @@ __all__ = [
     "gpt2_config",
     "stream",
 ]
-__version__ = "0.1.0"
+
+
+def _source_version() -> str:
+    """The version in the ``pyproject.toml`` of a source checkout, or ``0+unknown``."""
+    try:
+        text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text("utf-8")
+    except OSError:
+        return "0+unknown"
+    found = re.search(r'^version = "([^"]+)"', text, flags=re.M)
+    return f"{found[1]}+source" if found else "0+unknown"
+
+
+try:
+    __version__ = metadata.version("minigpt")
+except metadata.PackageNotFoundError:  # a source checkout on sys.path, not installed
+    __version__ = _source_version()

@@ -1,19 +1,30 @@
-"""Command line: ``python -m minigpt train | sample | eval | finetune`` (``--help`` on each).
+"""Command line: ``minigpt train | sample | eval | finetune`` (or ``python -m minigpt ...``).
 
-Configs are JSON files of ``TrainConfig`` keys. ``--config NAME`` finds ``NAME.json`` in
-``./configs/`` or in the repository's ``configs/`` folder (found from this file, so it works in
-an editable install, ``pip install -e .``); ``--config path/to/file.json`` takes any file.
-Errors (missing config, unknown key, bad value, bad checkpoint) print one line and exit with
+``--help`` on each command lists every option with its default; ``minigpt --version`` prints
+the installed version. Configs are JSON files of ``TrainConfig`` keys: ``--config NAME`` finds
+``NAME.json`` in ``./configs/`` (the working directory first, so a project can keep its own)
+and then among the configs shipped inside the package (``minigpt/configs/``, package data
+read with ``importlib.resources``, so it works from a wheel as from a checkout);
+``--config path/to/file.json`` takes any file. Every user error (missing config, unknown
+key, bad value, bad checkpoint or base model, a bad option) prints one line and exits with
 status 2.
 
 Design choices:
 
+- argparse plus a hand-written typed ``--set`` rather than tyro, jsonargparse or
+  transformers' HfArgumentParser: the config is one flat dataclass of five value types plus
+  a dict of ``model.<field>`` overrides, which those libraries would turn into their own
+  flag spelling (``--model.norm``, ``--no-resume``) and a dependency (HfArgumentParser pulls
+  all of transformers) for about 30 lines of parsing. argparse is in the standard library,
+  and ``--set KEY=VALUE`` keeps the command line the config file's format, checked by
+  ``TrainConfig``'s own validation, with help generated from its field comments.
 - ``--set KEY=VALUE`` converts ``VALUE`` by the type of ``TrainConfig``'s field (or of
   ``GPTConfig``'s for ``model.<field>``): ``true``/``false`` (``True``/``False`` too) for
   booleans, integers only for integer fields, finite numbers for floats, ``null``/``None``
   for optional fields, JSON for ``model``. Anything else is one line naming the key and the
-  type it expects. Hand-written (about 30 lines): neither tyro nor jsonargparse is installed,
-  and the types involved are five, so a dependency would buy nothing.
+  type it expects.
+- ``sample`` is repeatable by default (``--seed 0``); sample ``i`` of ``--num-samples``
+  uses seed ``seed + i``. Options and prompt are checked before anything is printed.
 - A model directory is data, not instructions: ``eval`` uses a dataset named in its
   ``config.json`` only if it is a registered name (``minigpt.data.REGISTRY``); a local file
   is read only when the user passes it (``--data PATH``).
@@ -25,27 +36,51 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import inspect
+import itertools
 import json
 import math
 import re
+import shlex
 import sys
 import typing
 from pathlib import Path
 
-from minigpt import data
+import torch
+
+import minigpt
+from minigpt import data, finetune
 from minigpt.checkpoint import load_model, read_checkpoint
 from minigpt.data import DataError
-from minigpt.finetune import finetune_main
-from minigpt.generate import stream
+from minigpt.ddp import resolve_device
+from minigpt.generate import DecodeOptions, stream
 from minigpt.train import TrainingInterrupted, estimate_loss, train
 from minigpt.train_config import TrainConfig, check_value, type_name
 
-CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs")
+if typing.TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 class CLIError(ValueError):
     """A user error: reported as one line, exit status 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions and epilogs as written; every option's help ends with its default."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: ...`` on stderr and exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def config_dirs() -> list:
+    """Where ``--config NAME`` looks, in order: ``./configs/``, then the package's configs."""
+    return [Path.cwd() / "configs", importlib.resources.files(minigpt) / "configs"]
 
 
 def config_help() -> str:
@@ -61,18 +96,24 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
-def resolve_config(name: str) -> Path:
-    """A config file path from a path or a name in ``configs/``."""
+def known_configs() -> list[str]:
+    """The names ``--config`` accepts without a path (``./configs/`` and the shipped ones)."""
+    return sorted({p.name.removesuffix(".json") for d in config_dirs() if d.is_dir()
+                   for p in d.iterdir() if p.name.endswith(".json")})
+
+
+def resolve_config(name: str) -> Traversable:
+    """A config file (a ``Path`` or a package resource) from a path or a config name."""
     path = Path(name)
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise CLIError(f"config file {path} does not exist")
         return path
-    for d in CONFIG_DIRS:
+    for d in config_dirs():
         if (d / f"{name}.json").is_file():
             return d / f"{name}.json"
-    known = sorted({p.stem for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.json")})
-    raise CLIError(f"no config named {name!r}; known configs: {known} (or pass a .json path)")
+    raise CLIError(f"no config named {name!r}; known configs: {known_configs()} "
+                   "(or pass a .json path)")
 
 
 _WORDS = {"true": True, "True": True, "false": False, "False": False, "null": None,
@@ -140,23 +181,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def setup_device(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads`` and return the ``--device`` to run on (checked: it must exist)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"device={args.device!r} but MPS is not available; use --device cpu")
+    return device
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    model, tok = load_model(args.checkpoint)
+    opts = DecodeOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         repetition_penalty=args.repetition_penalty, seed=args.seed)
+    model, tok = load_model(args.checkpoint, device=setup_device(args))
     prompt = tok.encode(args.prompt)
     if not prompt:
         raise CLIError("the prompt is empty; pass --prompt with at least one token")
-    ids, shown = list(prompt), len(tok.decode(prompt))
-    sys.stdout.write(args.prompt)
-    for t in stream(model, prompt, args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    repetition_penalty=args.repetition_penalty):
-        ids.append(t)
-        text = tok.decode(ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
-            sys.stdout.write(text[shown:])
-            sys.stdout.flush()
-            shown = len(text)
-    sys.stdout.write("\n")
+    for i in range(args.num_samples):
+        tokens = stream(model, prompt, args.max_new_tokens,
+                        dataclasses.replace(opts, seed=args.seed + i))
+        first = next(tokens, None)  # stream checks the prompt here: fail before echoing it
+        sys.stdout.write(("---\n" if i else "") + args.prompt)
+        ids, shown = list(prompt), len(tok.decode(prompt))
+        for t in itertools.chain([] if first is None else [first], tokens):
+            ids.append(t)
+            text = tok.decode(ids)
+            if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
+                sys.stdout.write(text[shown:])
+                sys.stdout.flush()
+                shown = len(text)
+        sys.stdout.write("\n")
     return 0
 
 
@@ -185,7 +240,7 @@ def eval_dataset(checkpoint: Path, explicit: str | None) -> TrainConfig:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
-    model, tok = load_model(checkpoint)
+    model, tok = load_model(checkpoint, device=setup_device(args))
     cfg = eval_dataset(checkpoint, args.data)
     _, _, val = data.prepare_data(cfg.data_spec, tokenizer=tok)
     loss = estimate_loss(model, val, model.config.block_size, batch_size=args.batch_size)
@@ -194,65 +249,125 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minigpt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def cmd_finetune(args: argparse.Namespace) -> int:
+    return finetune.finetune_command(args, "minigpt " + shlex.join(args.argv))
 
+
+def count(minimum: int) -> typing.Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a device name (auto, cpu, mps, cuda, cuda:N)."""
+    if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda, "
+                                         "cuda:N or mps")
+    return text
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--device`` and ``--threads``: shared by sample and eval."""
+    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
+                   help="a model directory (model.safetensors + config.json) or a ckpt.pt file")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=count(0), default=0,
+                   help="torch CPU threads; 0: torch's default (one per core)")
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a GPT from a config file",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="Train (or resume, with --set resume=true) a GPT. Multi-process"
                        ": torchrun --nproc_per_node=N -m minigpt train --config ...",
                        epilog="config keys with their defaults (--set KEY=VALUE, converted to "
                        "the key's type: 6, 3e-4, true, out/x, null; model.<GPTConfig field> "
                        "for the rest of the model, e.g. model.norm=rmsnorm):\n"
                        + config_help())
-    p.add_argument("--config", required=True,
-                   help="config name in configs/ (e.g. shakespeare_char) or a .json path")
+    p.add_argument("--config", required=True, default=argparse.SUPPRESS,
+                   help="a config name, from ./configs/ or shipped with minigpt ("
+                   + ", ".join(known_configs()) + "), or a path to a .json file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key; repeat for several")
     p.add_argument("--force", action="store_true",
                    help="start from scratch even if out_dir holds a checkpoint (overwrites it)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate text from a trained model, streamed")
-    p.add_argument("--checkpoint", required=True,
-                   help="a model directory (model.safetensors + config.json) or a ckpt.pt file")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate")
+
+def add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate text from a trained model, streamed",
+                       formatter_class=HelpFormatter,
+                       description="Generate text from a trained model, streamed as it is "
+                       "produced. The same seed gives the same text (on the same device).")
+    add_runtime_options(p)
+    p.add_argument("--prompt", default="\n", help="text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=count(0), default=300, help="tokens to generate")
+    p.add_argument("--num-samples", type=count(1), default=1,
+                   help="samples to draw, separated by lines of ---; sample i uses seed + i")
     p.add_argument("--temperature", type=float, default=0.8,
-                   help="divide the logits by this; < 1 is more conservative (default 0.8)")
+                   help="divide the logits by this; < 1 is more conservative, 0 is greedy")
     p.add_argument("--top-k", type=int, default=None,
-                   help="sample only among the k most likely tokens")
+                   help="sample only among the k most likely tokens (None: all)")
     p.add_argument("--top-p", type=float, default=None,
-                   help="sample only among the most likely tokens whose total probability is p")
+                   help="sample only among the most likely tokens whose total probability "
+                   "is p (None: all)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 makes tokens already in the context less likely")
-    p.add_argument("--seed", type=int, default=None, help="random seed (repeatable output)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed repeats the same text")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a trained model")
-    p.add_argument("--checkpoint", required=True,
-                   help="a model directory (model.safetensors + config.json) or a ckpt.pt file")
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation loss and perplexity of a trained model",
+                       formatter_class=HelpFormatter,
+                       description="Validation loss and perplexity over every window of the "
+                       "validation split (no random numbers: the same result every run).")
+    add_runtime_options(p)
     p.add_argument("--data", "--dataset", dest="data", default=None, metavar="NAME_OR_PATH",
-                   help="registered dataset name or a local UTF-8 text file (default: the "
+                   help="registered dataset name or a local UTF-8 text file (None: the "
                    "model's training dataset, if it is a registered name)")
-    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    p.add_argument("--batch-size", type=count(1), default=32, help="windows per forward pass")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("finetune", add_help=False,
-                       help="fine-tune a model: classify (SMS spam, PEFT methods compared) or "
-                       "instruct (instruction tuning); python -m minigpt finetune --help")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``minigpt`` and its four commands."""
+    parser = Parser(prog="minigpt", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"minigpt {minigpt.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train(sub)
+    add_sample(sub)
+    add_eval(sub)
+    p = sub.add_parser("finetune", help="fine-tune a model: classify (SMS spam, PEFT methods "
+                       "compared) or instruct (instruction tuning)",
+                       formatter_class=HelpFormatter,
+                       description="Fine-tune a model. classify: an SMS spam classifier, one "
+                       "run per fine-tuning method, compared; instruct: instruction tuning "
+                       "(--save writes a model that sample and eval load).")
+    finetune.add_arguments(p)
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for user errors)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["finetune"]:  # its own parser, in minigpt.finetune
-        return finetune_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a bad option (2, one line printed)
+        return e.code if isinstance(e.code, int) else 2
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, DataError, OSError) as e:  # CLIError, ConfigError, CheckpointError, ...

@@ -31,7 +31,8 @@ Design choices:
 - Ids are checked once, at the boundary: ``load_bin`` hashes the file and finds its largest
   id in one sequential read (SHA-256 runs at the order of 1 GB/s on one core: milliseconds
   for Tiny Shakespeare's 2 MB of bins), so ``get_batch`` checks no ids and never waits for
-  a device.
+  a device. ``prepare_data`` hashes each bin once: ``prepare_bin`` checks cached bins (or
+  hashes the ones it writes) and the bins are then mapped without a second read.
 - One error family: every failure is a ``DataError`` (bad arguments also a ``ValueError``)
   whose message is one line that says what to do.
 """
@@ -691,13 +692,21 @@ def load_bin(file: str | os.PathLike, *, vocab_size: int | None = None) -> np.me
     so nothing downstream checks ids again. Cost: one read and SHA-256 of the whole file.
     """
     file = Path(file)
-    if file.is_file() and file.stat().st_size == 0:
-        raise BinError(
-            f"{file} is an empty token file; build it with prepare_bin with val_fraction > 0"
-        )
     problem = _bin_problem(file, _read_meta(file.parent / "meta.json"), vocab_size)
     if problem is not None:
         raise BinError(f"{problem}; delete {file.parent} and build it again with prepare_bin")
+    return _map_bin(file)
+
+
+def _map_bin(file: Path) -> np.memmap:
+    """Memory-map a token file that was just checked or written (no second read).
+
+    An empty file cannot be mapped: an empty split is a ``BinError``.
+    """
+    if file.stat().st_size == 0:
+        raise BinError(
+            f"{file} is an empty token file; build it with prepare_bin with val_fraction > 0"
+        )
     return np.memmap(file, dtype=np.uint16, mode="r")
 
 
@@ -792,10 +801,10 @@ def prepare_data(spec: DataSpec, tokenizer: Tokenizer | None = None) -> tuple:
         else:
             train_text = text[: int(len(text) * (1 - spec.val_fraction))]
             tokenizer = _cached_bpe(train_text, spec.bpe_vocab_size, out / "tokenizer.json")
+    # prepare_bin checks cached bins (hash and id range) or writes and hashes new ones:
+    # each bin is read once per call, and its ids are not checked again per batch
     prepare_bin(source, tokenizer, out, val_fraction=spec.val_fraction)
-    vocab = tokenizer.vocab_size  # the id range is checked once, here, not per batch
-    return (tokenizer, load_bin(out / "train.bin", vocab_size=vocab),
-            load_bin(out / "val.bin", vocab_size=vocab))
+    return tokenizer, _map_bin(out / "train.bin"), _map_bin(out / "val.bin")
 
 
 def _cached_bpe(train_text: str, vocab_size: int, cached: Path) -> Tokenizer:

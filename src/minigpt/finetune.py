@@ -53,7 +53,7 @@ from minigpt.checkpoint import export_model, load_model
 from minigpt.data import DataError, gpt2_tokenizer
 from minigpt.data import path as dataset_path
 from minigpt.model import GPT
-from minigpt.pretrained import from_pretrained
+from minigpt.pretrained import PretrainedError, from_pretrained
 from minigpt.tuning import FitConfig, fit
 
 Example = tuple[str, int]  # (text, label)
@@ -335,7 +335,12 @@ def load_base(spec: str | Path) -> tuple[GPT, object, int]:
     ``minigpt.pretrained.from_pretrained`` with GPT-2's tokenizer (end of text = 50256).
     """
     config = Path(spec) / "config.json"
-    if config.is_file() and "tokenizer" in json.loads(config.read_text(encoding="utf-8")):
+    try:
+        info = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except ValueError as e:  # not UTF-8 or not JSON
+        raise PretrainedError(f"{config} is not a JSON model config ({e}); pass a directory "
+                              "written by export_model, save_hf or save_pretrained") from None
+    if isinstance(info, dict) and "tokenizer" in info:
         model, tokenizer = load_model(spec)
         specials = getattr(tokenizer, "special_tokens", {})
         return model, tokenizer, specials.get("<|endoftext|>", 0)
@@ -355,34 +360,59 @@ def save_finetuned(model: GPT, tokenizer, out_dir: str | Path, record: dict) -> 
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The arguments of ``python -m minigpt finetune``."""
-    parser = argparse.ArgumentParser(prog="python -m minigpt finetune",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("task", choices=["classify", "instruct"])
-    parser.add_argument("--base", required=True,
-                        help="shipped model directory, GPT-2 name (gpt2 ...) or HF directory")
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of ``minigpt finetune`` to ``parser`` (and return it)."""
+    parser.add_argument("task", choices=["classify", "instruct"],
+                        help="classify: SMS spam, one run per method; instruct: instruction "
+                        "tuning")
+    parser.add_argument("--base", required=True, default=argparse.SUPPRESS,
+                        help="the model to start from: a shipped minigpt model directory, a "
+                        "GPT-2 name (gpt2, gpt2-medium, ...; downloaded once, then cached) or "
+                        "a Hugging Face GPT-2 directory")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                        help="classify: fine-tuning methods to compare")
-    parser.add_argument("--template", default="alpaca", choices=list(instruct.TEMPLATES))
+                        metavar="METHOD", help="classify: fine-tuning methods to compare, of "
+                        + ", ".join(METHODS))
+    parser.add_argument("--template", default="alpaca", choices=list(instruct.TEMPLATES),
+                        help="instruct: the prompt template")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="instruct: LoRA of this rank on every projection instead of full "
                         "fine-tuning (0: full)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (default: per method / 1e-4)")
+                        help="peak learning rate (None: per method for classify, 1e-4 for "
+                        "instruct)")
     parser.add_argument("--max-len", type=int, default=None,
-                        help="tokens per example (default: 64 / 256), at most the context")
-    parser.add_argument("--train-limit", type=int, default=None)
+                        help="tokens per example, at most the context (None: 64 for classify, "
+                        "256 for instruct)")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="train on at most this many examples (None: all)")
     parser.add_argument("--test-limit", type=int, default=None,
-                        help="evaluate on at most this many validation / test examples")
+                        help="evaluate on at most this many validation / test examples "
+                        "(None: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the run")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the results as JSON to this file (None: do not)")
     parser.add_argument("--save", type=Path, default=None,
-                        help="instruct: save the tuned model (LoRA merged) to this directory")
+                        help="instruct: save the tuned model (LoRA merged) to this directory "
+                        "(None: do not)")
     return parser
+
+
+def check_request(args: argparse.Namespace) -> None:
+    """Option combinations argparse cannot check; a ``ValueError`` says what to change."""
+    if args.save is not None and args.task != "instruct":
+        raise ValueError("--save is for instruct: a classifier is not a language model that "
+                         "sample and eval can run")
+    for name in ("lora_rank", "threads"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
+                             f"{getattr(args, name)}")
+    for name in ("epochs", "batch_size", "max_len", "train_limit", "test_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                             f"{getattr(args, name)}")
 
 
 def classify_command(args: argparse.Namespace, base: GPT, tokenizer, eos_id: int) -> list:
@@ -415,35 +445,42 @@ def instruct_command(args: argparse.Namespace, base: GPT, tokenizer, eos_id: int
     return [row]
 
 
-def finetune_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m minigpt finetune classify|instruct ...``: run, print, save JSON (and the
-    model, for instruct with ``--save``). A bad value prints one line and returns 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.save is not None and args.task != "instruct":
-        parser.error("--save is for instruct: a classifier is not a language model that "
-                     "sample and eval can run")
-    if args.lora_rank < 0:
-        parser.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
+def finetune_command(args: argparse.Namespace, command: str) -> int:
+    """Run ``classify`` or ``instruct`` as ``args`` say; print, save JSON (and the model, for
+    instruct with ``--save``). Bad requests, bases and data raise one-line errors."""
+    check_request(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    base, tokenizer, eos_id = load_base(args.base)
+    task = classify_command if args.task == "classify" else instruct_command
+    rows = task(args, base, tokenizer, eos_id)
+    record = {"command": command, "task": args.task, "base": str(args.base),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "results": rows}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
+    if args.save is not None:
+        print(f"model saved to {save_finetuned(base, tokenizer, args.save, record)}")
+    return 0
+
+
+def finetune_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m minigpt.finetune classify|instruct ...`` (as ``minigpt finetune``).
+    A bad request prints one line and returns (or exits with) status 2."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="python -m minigpt.finetune", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    args = parser.parse_args(argv)
+    try:
+        check_request(args)
+    except ValueError as e:
+        parser.error(str(e))
     command = "python -m minigpt.finetune " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        base, tokenizer, eos_id = load_base(args.base)
-        task = classify_command if args.task == "classify" else instruct_command
-        rows = task(args, base, tokenizer, eos_id)
-        record = {"command": command, "task": args.task, "base": str(args.base),
-                  "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "results": rows}
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
-        if args.save is not None:
-            print(f"model saved to {save_finetuned(base, tokenizer, args.save, record)}")
+        return finetune_command(args, command)
     except (ValueError, DataError, OSError) as e:  # bad value, unreadable base, disk
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Design choices:
 
-- ``TrainConfig`` is a plain dataclass; the JSON files in ``configs/`` and the command line's
-  ``--set KEY=VALUE`` set its fields, and ``python -m minigpt train --help`` lists them with
-  their defaults, types and the comments written beside them here.
+- ``TrainConfig`` is a plain dataclass; the JSON files in ``minigpt/configs/`` and the
+  command line's ``--set KEY=VALUE`` set its fields, and ``python -m minigpt train --help``
+  lists them with their defaults, types and the comments written beside them here.
 - Every field is type-checked when a config is built, by the field's annotation
   (``check_value``): booleans must be booleans (the string "False" is not), integers must be
   integers (2.5 is not), floats must be finite numbers (ints are accepted and converted).
@@ -74,7 +74,7 @@ def _model_hints() -> dict[str, object]:
 
 @dataclass
 class TrainConfig:
-    """Every hyper-parameter of a training run (the JSON files in ``configs/`` set these)."""
+    """Every hyper-parameter of a training run (the JSON files in ``minigpt/configs/``)."""
 
     # data
     dataset: str = "tinyshakespeare"  # a name registered in minigpt.data, or a UTF-8 text file
