@@ -509,6 +509,15 @@ def test_greedy_and_beam_search_equal_hugging_face(tmp_path):
 # --- bad input and faults ----------------------------------------------------------------------
 
 
+def streamed(model, prompt, max_new_tokens, **kwargs) -> list[int]:
+    """``stream``'s tokens as a list: checked when the first token is asked for."""
+    return list(stream(model, prompt, max_new_tokens, **kwargs))
+
+
+DECODERS = pytest.mark.parametrize("decode", [generate, streamed], ids=["generate", "stream"])
+
+
+@DECODERS
 @pytest.mark.parametrize(
     ("prompt", "kwargs", "match"),
     [
@@ -526,35 +535,33 @@ def test_greedy_and_beam_search_equal_hugging_face(tmp_path):
         ([1], {"window_shift": 9}, "block_size=8"),
     ],
 )
-def test_bad_input_is_a_clear_error(prompt, kwargs, match):
-    model = tiny_model(13)
+def test_bad_input_is_a_clear_error(decode, prompt, kwargs, match):
     with pytest.raises(DecodingError, match=match):
-        generate(model, prompt, 3, **kwargs)
-    with pytest.raises(DecodingError, match=match):
-        list(stream(model, prompt, 3, **kwargs))
+        decode(tiny_model(13), prompt, 3, **kwargs)
 
 
-def test_bad_max_new_tokens_and_stream_arguments():
-    model = tiny_model(13)
-    for bad in (-1, 2.5, 1e12, True):
-        with pytest.raises(DecodingError, match="max_new_tokens"):
-            generate(model, [1], bad)
+@pytest.mark.parametrize("bad", [-1, 2.5, 1e12, True])
+def test_bad_max_new_tokens(bad):
+    with pytest.raises(DecodingError, match="max_new_tokens"):
+        generate(tiny_model(13), [1], bad)
+
+
+@pytest.mark.parametrize("decode", [streamed, beam_search], ids=["stream", "beam_search"])
+def test_one_prompt_decoders_refuse_a_batch(decode):
     with pytest.raises(DecodingError, match="one prompt"):
-        list(stream(model, [[1], [2]], 3))
-    with pytest.raises(DecodingError, match="one prompt"):
-        beam_search(model, [[1], [2]], 3, num_beams=2)
+        decode(tiny_model(13), [[1], [2]], 3, num_beams=2)
 
 
+@DECODERS
+@pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"seed": 0}, {"num_beams": 3},
+                                    {"use_cache": False}])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_weights_raise_instead_of_decoding_garbage(bad):
+def test_non_finite_weights_raise_instead_of_decoding_garbage(decode, kwargs, bad):
     model = tiny_model(14)
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = bad
-    for kwargs in ({"temperature": 0}, {"seed": 0}, {"num_beams": 3}, {"use_cache": False}):
-        with pytest.raises(NonFiniteLogitsError, match="NaN or infinite"):
-            generate(model, [1, 2], 10, **kwargs)
-        with pytest.raises(NonFiniteLogitsError):
-            list(stream(model, [1, 2], 10, **kwargs))
+    with pytest.raises(NonFiniteLogitsError, match="NaN or infinite"):
+        decode(model, [1, 2], 10, **kwargs)
 
 
 def test_extreme_but_valid_values_decode():

@@ -266,17 +266,10 @@ def chunked(text: str, cuts: list[int]) -> list[str]:
 )
 @given(stream_text, st.lists(st.integers(0, 1000), max_size=12))
 @pytest.mark.slow
-def test_encode_iterable_property_gpt2(gpt2, text, cuts):
-    assert list(gpt2.encode_iterable(chunked(text, cuts))) == gpt2.encode(text)
-
-
-@settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(stream_text, st.lists(st.integers(0, 1000), max_size=12))
-@pytest.mark.slow
-def test_encode_iterable_property_trained_bpe(two_specials, text, cuts):
-    assert list(two_specials.encode_iterable(chunked(text, cuts))) == two_specials.encode(text)
+@pytest.mark.parametrize("name", ["gpt2", "two_specials"])  # GPT-2's files, a trained BPE
+def test_encode_iterable_property(request, name, text, cuts):
+    tok = request.getfixturevalue(name)
+    assert list(tok.encode_iterable(chunked(text, cuts))) == tok.encode(text)
 
 
 def test_encode_iterable_is_lazy(small_bpe):

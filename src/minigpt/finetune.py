@@ -409,38 +409,44 @@ def check_request(args: argparse.Namespace) -> None:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
                              f"{getattr(args, name)}")
-    for name in ("epochs", "batch_size", "max_len", "train_limit", "test_limit"):
+    for name in ("train_limit", "test_limit"):  # the rest: checked by the task's config
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
                              f"{getattr(args, name)}")
 
 
-def classify_command(args: argparse.Namespace, base: GPT, tokenizer, eos_id: int) -> list:
-    """Run ``classify`` for every method in ``args.methods``; print one line per method."""
+def task_configs(args: argparse.Namespace) -> list:
+    """The run configs the command line asks for (checked when built, before any loading):
+    one ``ClassificationConfig`` per method, or one ``instruct.InstructionConfig``."""
+    if args.task == "instruct":
+        return [instruct.InstructionConfig(args.template, args.epochs, args.batch_size,
+                                           args.lr or 1e-4, args.max_len or 256,
+                                           args.train_limit, args.test_limit, seed=args.seed)]
+    return [ClassificationConfig(method, args.epochs, args.batch_size, args.lr,
+                                 args.max_len or 64, args.train_limit, args.test_limit,
+                                 args.test_limit, seed=args.seed) for method in args.methods]
+
+
+def classify_command(configs: list, base: GPT, tokenizer, eos_id: int) -> list:
+    """Run ``classify`` for every method's config; print one line per method."""
     rows = []
-    for method in args.methods:
-        cfg = ClassificationConfig(method, args.epochs, args.batch_size, args.lr,
-                                   args.max_len or 64, args.train_limit, args.test_limit,
-                                   args.test_limit, seed=args.seed)
+    for cfg in configs:
         row = run_classification(base, tokenizer.encode, eos_id, cfg, progress=True)
         rows.append(row)
         t = row["test"]
-        print(f"{method:12s} trainable {row['trainable_params']:>10,d}  "
+        print(f"{cfg.method:12s} trainable {row['trainable_params']:>10,d}  "
               f"test acc {t['accuracy']:.3f}  F1 {t['f1']:.3f}  {row['train_seconds']:.0f}s")
     return rows
 
 
-def instruct_command(args: argparse.Namespace, base: GPT, tokenizer, eos_id: int) -> list:
-    """Run ``instruct`` (full fine-tuning, or LoRA with ``--lora-rank``) on ``base`` in place."""
-    cfg = instruct.InstructionConfig(args.template, args.epochs, args.batch_size,
-                                     args.lr or 1e-4, args.max_len or 256, args.train_limit,
-                                     args.test_limit, seed=args.seed)
-    if args.lora_rank:
-        torch.manual_seed(args.seed)
-        peft.add_lora(base, args.lora_rank, 2.0 * args.lora_rank,
-                      MethodConfig().lora_targets)
+def instruct_command(cfg: instruct.InstructionConfig, lora_rank: int, base: GPT, tokenizer,
+                     eos_id: int) -> list:
+    """Run ``instruct`` (full fine-tuning, or LoRA of rank ``lora_rank``) on ``base`` in place."""
+    if lora_rank:
+        torch.manual_seed(cfg.seed)
+        peft.add_lora(base, lora_rank, 2.0 * lora_rank, MethodConfig().lora_targets)
     row = instruct.run_instruction(base, tokenizer.encode, eos_id, cfg, progress=True)
-    row["lora_rank"] = args.lora_rank
+    row["lora_rank"] = lora_rank
     print(f"test response loss {row['before']['loss']:.3f} -> {row['after']['loss']:.3f}")
     return [row]
 
@@ -449,11 +455,14 @@ def finetune_command(args: argparse.Namespace, command: str) -> int:
     """Run ``classify`` or ``instruct`` as ``args`` say; print, save JSON (and the model, for
     instruct with ``--save``). Bad requests, bases and data raise one-line errors."""
     check_request(args)
+    configs = task_configs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     base, tokenizer, eos_id = load_base(args.base)
-    task = classify_command if args.task == "classify" else instruct_command
-    rows = task(args, base, tokenizer, eos_id)
+    if args.task == "classify":
+        rows = classify_command(configs, base, tokenizer, eos_id)
+    else:
+        rows = instruct_command(configs[0], args.lora_rank, base, tokenizer, eos_id)
     record = {"command": command, "task": args.task, "base": str(args.base),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": rows}
     if args.out is not None:
