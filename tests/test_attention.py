@@ -13,8 +13,10 @@ from minigpt.attention import (
     repeat_kv,
     rope_cos_sin,
     scaled_dot_product_attention,
+    split_heads,
     torch_attention,
 )
+from minigpt.model import GPT, GPTConfig
 
 
 def qkv(B=2, H=3, L=5, S=5, D=8, seed=0):
@@ -153,3 +155,34 @@ def test_decode_mask_lets_query_i_see_the_past_and_itself():
     # the same as the bottom-right corner of a causal mask over past + new positions
     full = torch.ones(7, 7, dtype=torch.bool).tril()
     torch.testing.assert_close(decode_mask(4, 3), full[4:])
+
+
+def test_split_heads_gives_head_h_the_channel_slice_h():
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(0))
+    heads = split_heads(x, 3)
+    assert heads.shape == (2, 3, 5, 4)
+    for h in range(3):
+        assert torch.equal(heads[:, h], x[..., 4 * h : 4 * (h + 1)])
+
+
+def test_causal_attention_with_equal_scores_is_the_running_mean():
+    # chapter 3's derivation: a masked softmax of equal scores averages the visible past
+    _, k, v = qkv(L=6, S=6)
+    out = scaled_dot_product_attention(torch.zeros_like(k), k, v, is_causal=True)
+    running_mean = v.cumsum(dim=-2) / torch.arange(1, 7).view(6, 1)
+    torch.testing.assert_close(out, running_mean)
+
+
+@pytest.mark.parametrize("C, n_head", [(128, 4), (256, 8)])
+def test_fresh_gpt_queries_and_keys_have_variance_0004_C(C, n_head):
+    # GPT-2 init (weights N(0, 0.02^2)) on a unit-variance LayerNorm output: Var = 0.0004 C,
+    # not Vaswani's unit variance; chapter 3 quotes this
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=1, n_head=n_head, n_embd=C))
+    idx = torch.randint(0, 65, (8, 64), generator=torch.Generator().manual_seed(0))
+    block = model.transformer.h[0]
+    with torch.no_grad():
+        x = block.ln_1(model.transformer.wte(idx) + model.transformer.wpe(torch.arange(64)))
+        q, k, _ = block.attn.heads(x)
+    assert abs(q.var().item() / (0.0004 * C) - 1) < 0.1
+    assert abs(k.var().item() / (0.0004 * C) - 1) < 0.1
