@@ -7,7 +7,7 @@ and writes one small JSON file: the exact command, the seeds, the base model's m
 the always-ham baseline, one row per run (per-step losses rounded to 4 digits) and the
 mean +- sample standard deviation per method (``finetune.summarize_runs``).
 
-    python bench/finetune_table.py --seeds 0 1 2 --threads 1 --out data/finetune/sms_spam.json
+    python bench/finetune_table.py --seeds 0 1 2 --epochs 1 --train-limit 400 --threads 1
 
 On a busy machine the methods can run in parallel processes, each with ``--methods ... --out
 PART.json``, and ``--combine PART.json ... --out FILE`` joins them (the runs do not depend on
@@ -50,8 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="train on this many balanced messages (default: all)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("data/finetune/sms_spam.json"))
+    parser.add_argument("--out", type=Path, default=Path("data/finetune/sms_spam_seeds.json"))
     parser.add_argument("--combine", nargs="+", type=Path, default=None,
                         help="join these result files (written by this script) into --out")
     args = parser.parse_args(argv)
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in args.methods:
         for seed in args.seeds:
-            cfg = ClassificationConfig(method, args.epochs, max_len=args.max_len, seed=seed)
+            cfg = ClassificationConfig(method, args.epochs, max_len=args.max_len,
+                                       train_limit=args.train_limit, seed=seed)
             row = run_classification(model, tokenizer.encode, eos_id, cfg)
             row["losses"] = [round(x, 4) for x in row["losses"]]
             rows.append(row)

@@ -80,13 +80,13 @@ def test_run_instruction_scores_answers_before_and_after():
     entries = [{"instruction": f"Greet {n}.", "input": "", "output": "hi there"} for n in names]
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=eos + 1, block_size=32, n_layer=1, n_head=2, n_embd=32))
-    cfg = InstructionConfig(template="chat", epochs=6, batch_size=8, lr=1e-2, max_len=31,
+    cfg = InstructionConfig(template="chat", epochs=4, batch_size=8, lr=1e-2, max_len=31,
                             answer_limit=3, answer_tokens=9)
     result = run_instruction(model, encode, eos, cfg, entries=entries, decode=decode)
     before, after = result["before"]["answers"], result["after"]["answers"]
     assert before["n"] == after["n"] == len(result["held_out"]) == 3
-    assert before["rouge_l"] < 0.5 and before["exact_match"] == 0.0
-    assert after["rouge_l"] >= 0.5 > before["rouge_l"]  # at least "hi" is right
+    assert before["exact_match"] == 0.0  # a random model does not say "hi there"
+    assert after["rouge_l"] > before["rouge_l"] + 0.25  # it learnt at least "hi"
     assert after["rouge_l_each"] == [rouge_l(a, "hi there") for a in after["answers"]]
     expected = keep_fitting(split_entries(entries, seed=0)[2], format_chat, encode, eos, 31)
     assert result["held_out"] == [{"instruction": e["instruction"], "input": "",
