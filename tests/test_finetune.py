@@ -18,16 +18,24 @@ from minigpt.finetune import (
     GPTClassifier,
     MethodConfig,
     accuracy,
+    always_ham,
+    classification_batches,
     confusion_matrix,
     deduplicate,
+    evaluate_classifier,
     finetune_main,
     load_base,
     load_sms_spam,
     make_classifier,
+    mean_sd,
+    metrics_at,
     pad_batch,
     precision_recall_f1,
     run_classification,
+    spam_scores,
     stratified_split,
+    summarize_runs,
+    tune_threshold,
     undersample,
 )
 from minigpt.instruct import (
@@ -245,6 +253,51 @@ def test_run_classification_learns_a_toy_task():
     assert result["train_examples"] == 2 * 22  # 70% of 32 spam, balanced by ham
     assert result["test"]["n"] == 32 and result["test"]["accuracy"] >= 0.9
     assert result["losses"][-1] < result["losses"][0]
+    # the threshold was tuned on validation and applied to the test split
+    assert result["test"]["threshold"] == result["val"]["threshold"] == result["threshold"]
+    assert result["test_argmax"]["threshold"] == 0.5
+    cfg.val_limit = 0  # no validation split: nothing to tune on, the argmax threshold
+    assert run_classification(model, lambda t: [ord(c) - 97 for c in t], 26, cfg,
+                              data=_toy_spam())["threshold"] == 0.5
+
+
+def test_threshold_at_one_half_is_the_argmax(base):
+    clf = make_classifier(copy.deepcopy(base), "full", seed=0)
+    data = [([int(t) for t in torch.randint(0, 64, (n,))], n % 2) for n in range(3, 20)]
+    batches = classification_batches(data, 5, 0, 32)
+    scores, labels = spam_scores(clf, batches)
+    assert labels == [y for _, y in data] and all(0 < s < 1 for s in scores)
+    with torch.no_grad():
+        argmax = [p for ids, lengths, _ in batches for p in clf(ids, lengths).argmax(-1).tolist()]
+    assert evaluate_classifier(clf, batches)["confusion"] == confusion_matrix(labels, argmax)
+
+
+def test_tune_threshold_maximises_f1_between_scores():
+    scores = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.3, 0.2]
+    labels = [1, 1, 1, 0, 0, 0, 0, 0]
+    t = tune_threshold(scores, labels)
+    assert t == pytest.approx(0.825)  # halfway between the last spam and the first ham
+    assert metrics_at(scores, labels, t)["f1"] == 1.0
+    assert metrics_at(scores, labels, 0.5)["f1"] == pytest.approx(2 / 3)  # P 3/6, R 1
+    # no candidate beats 0.5: it is kept (ties go to the candidate nearest 0.5)
+    assert tune_threshold([0.9, 0.1], [1, 0]) == 0.5
+
+
+def test_always_ham_baseline_and_mean_sd():
+    m = always_ham([0] * 7 + [1])
+    assert m["accuracy"] == 7 / 8 and (m["precision"], m["recall"], m["f1"]) == (0, 0, 0)
+    assert m["confusion"] == [[7, 0], [1, 0]]
+    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample sd: n - 1 in the denominator
+    assert mean_sd([0.5]) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_sd([])
+    rows = [{"method": m, "threshold": t, "test": {"f1": f}}
+            for m, t, f in [("lora", 0.5, 0.7), ("head", 0.6, 0.4), ("lora", 0.7, 0.9)]]
+    summary = summarize_runs(rows, keys=("f1",))
+    assert list(summary) == ["lora", "head"] and summary["lora"]["runs"] == 2
+    assert summary["lora"]["f1"] == pytest.approx((0.8, 0.1414213), abs=1e-6)
+    assert summary["lora"]["threshold"] == pytest.approx((0.6, 0.1414213), abs=1e-6)
+    assert summary["head"]["f1"] == (0.4, 0.0)
 
 
 # -------------------------------------------------------------------------- instructions

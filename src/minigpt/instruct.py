@@ -16,6 +16,10 @@ Design choices:
   training (``encode_entries``), never trained on as all-masked rows.
 * ``max_len`` is clamped to the model's context, so a default that is longer than a small
   model's context never fails.
+* A falling loss is not yet a better answer, so held-out items are also answered (greedy
+  decoding up to end-of-text) and scored against the reference: ROUGE-L (Lin 2004; the
+  longest common word subsequence, F1 of its precision and recall) and exact match, both on
+  lower-cased words. Both are implemented here in a few lines and tested.
 * Training is ``minigpt.tuning.fit``: the optimisation step of pretraining, with its schedule,
   decay groups and clipping. This module does not import ``minigpt.finetune`` (which imports
   this one for its command line).
@@ -27,6 +31,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigpt.data import path as dataset_path
+from minigpt.generate import generate
 from minigpt.tuning import FitConfig, fit
 
 IGNORE = -100  # label of positions that are not trained on (prompt and padding)
@@ -157,16 +163,23 @@ def split_entries(entries: Sequence[Entry], fractions: Sequence[float] = (0.85, 
     return tuple(order[lo:hi] for lo, hi in zip(cuts, cuts[1:], strict=False))
 
 
+def keep_fitting(entries: Sequence[Entry], template: Callable[[Entry], tuple[str, str]],
+                 encode: Callable[[str], list[int]], eos_id: int, max_len: int) -> list[Entry]:
+    """The entries whose prompt leaves at least one response token within ``max_len``."""
+    out = []
+    for entry in entries:
+        _, labels = encode_example(*template(entry), encode, eos_id)
+        if any(label != IGNORE for label in labels[1 : max_len + 1]):
+            out.append(entry)
+    return out
+
+
 def encode_entries(entries: Sequence[Entry], template: Callable[[Entry], tuple[str, str]],
                    encode: Callable[[str], list[int]], eos_id: int,
                    max_len: int) -> list[tuple[list[int], list[int]]]:
     """Encode entries, dropping those whose prompt leaves no response token within max_len."""
-    out = []
-    for entry in entries:
-        ids, labels = encode_example(*template(entry), encode, eos_id)
-        if any(label != IGNORE for label in labels[1 : max_len + 1]):
-            out.append((ids, labels))
-    return out
+    return [encode_example(*template(e), encode, eos_id)
+            for e in keep_fitting(entries, template, encode, eos_id, max_len)]
 
 
 def lm_batches(data: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
@@ -177,6 +190,63 @@ def lm_batches(data: Sequence[tuple[list[int], list[int]]], batch_size: int, pad
         random.Random(seed).shuffle(order)
     return [collate([data[j] for j in order[i : i + batch_size]], pad_id, max_len)
             for i in range(0, len(order), batch_size)]
+
+
+# ------------------------------------------------------------------ answers and metrics
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (runs of letters and digits): what the answer metrics compare."""
+    return re.findall(r"\w+", text.lower())
+
+
+def lcs_length(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common subsequence of ``a`` and ``b`` (dynamic programming)."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        row = [0]
+        for j, y in enumerate(b):
+            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
+        prev = row
+    return prev[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin 2004): the longest common word subsequence, as a share of the
+    candidate (precision) and of the reference (recall), combined by a harmonic mean."""
+    c, r = words(candidate), words(reference)
+    common = lcs_length(c, r)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(c), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(candidate: str, reference: str) -> bool:
+    """Whether the two texts have the same words (case and punctuation ignored)."""
+    return words(candidate) == words(reference)
+
+
+def answer(model: nn.Module, prompt: str, encode: Callable[[str], list[int]],
+           decode: Callable[[list[int]], str], eos_id: int, max_new_tokens: int) -> str:
+    """The model's greedy answer to ``prompt``, up to end-of-text or ``max_new_tokens``."""
+    out = generate(model, encode(prompt), max_new_tokens, temperature=0.0, eos_id=eos_id)[0]
+    return decode(out[:-1] if out[-1:] == [eos_id] else out).strip()
+
+
+def evaluate_answers(model: nn.Module, entries: Sequence[Entry],
+                     template: Callable[[Entry], tuple[str, str]],
+                     encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
+                     eos_id: int, max_new_tokens: int = 48) -> dict:
+    """Greedy answers to held-out entries, scored against their references: mean ROUGE-L,
+    the exact-match rate, and the answers themselves."""
+    if not entries:
+        raise ValueError("no entries to answer")
+    answers = [answer(model, template(e)[0], encode, decode, eos_id, max_new_tokens)
+               for e in entries]
+    references = [template(e)[1] for e in entries]
+    scores = [rouge_l(a, r) for a, r in zip(answers, references, strict=True)]
+    matches = [exact_match(a, r) for a, r in zip(answers, references, strict=True)]
+    return {"rouge_l": sum(scores) / len(scores), "exact_match": sum(matches) / len(matches),
+            "n": len(entries), "answers": answers, "rouge_l_each": scores}
 
 
 @dataclass
@@ -191,37 +261,52 @@ class InstructionConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     seed: int = 0
+    answer_limit: int | None = None  # answer this many test items (None: all; 0: none)
+    answer_tokens: int = 48  # at most this many tokens per generated answer
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ValueError(f"unknown template {self.template!r}; choose one of "
                              f"{list(TEMPLATES)}")
-        if min(self.epochs, self.batch_size, self.max_len) < 1:
-            raise ValueError("epochs, batch_size and max_len must be >= 1, got "
-                             f"{self.epochs}, {self.batch_size}, {self.max_len}")
+        if min(self.epochs, self.batch_size, self.max_len, self.answer_tokens) < 1:
+            raise ValueError("epochs, batch_size, max_len and answer_tokens must be >= 1, got "
+                             f"{self.epochs}, {self.batch_size}, {self.max_len}, "
+                             f"{self.answer_tokens}")
 
 
 def run_instruction(model: nn.Module, encode: Callable[[str], list[int]], eos_id: int,
                     cfg: InstructionConfig, entries: Sequence[Entry] | None = None,
-                    progress: bool = False) -> dict:
+                    progress: bool = False,
+                    decode: Callable[[list[int]], str] | None = None) -> dict:
     """Instruction-tune ``model`` in place (full fine-tuning, or whatever ``peft`` left trainable).
 
-    ``cfg.max_len`` is clamped to the model's context. Evaluates the response loss on the test
-    split before and after. Returns a result dict.
+    ``cfg.max_len`` is clamped to the model's context. Before and after training, measures the
+    response loss on the test split and, if ``decode`` is given, the greedy answers to the
+    first ``cfg.answer_limit`` test items (ROUGE-L, exact match). Returns a result dict.
     """
     cfg = dataclasses.replace(cfg, max_len=min(cfg.max_len, model.config.block_size))
     train, _, test = split_entries(load_instructions() if entries is None else entries,
                                    seed=0)
     template = TEMPLATES[cfg.template]
-    data = {name: encode_entries(part, template, encode, eos_id, cfg.max_len)[:limit]
-            for name, part, limit in (("train", train, cfg.train_limit),
-                                      ("test", test, cfg.test_limit))}
-    for name, part in data.items():
+    parts = {name: keep_fitting(part, template, encode, eos_id, cfg.max_len)[:limit]
+             for name, part, limit in (("train", train, cfg.train_limit),
+                                       ("test", test, cfg.test_limit))}
+    for name, part in parts.items():
         if not part:
             raise ValueError(f"no {name} example leaves room for a response within max_len="
                              f"{cfg.max_len} tokens; raise max_len or use a shorter template")
-    test_batches = lm_batches(data["test"], 16, eos_id, cfg.max_len)
-    before = evaluate_lm(model, test_batches)
+    data = {name: [encode_example(*template(e), encode, eos_id) for e in part]
+            for name, part in parts.items()}
+    held_out = parts["test"][: cfg.answer_limit] if decode is not None else []
+
+    def measure() -> dict:
+        out = evaluate_lm(model, lm_batches(data["test"], 16, eos_id, cfg.max_len))
+        if held_out:
+            out["answers"] = evaluate_answers(model, held_out, template, encode, decode,
+                                              eos_id, cfg.answer_tokens)
+        return out
+
+    before = measure()
     torch.manual_seed(cfg.seed)
     batches = [b for epoch in range(cfg.epochs) for b in lm_batches(
         data["train"], cfg.batch_size, eos_id, cfg.max_len, seed=cfg.seed + epoch)]
@@ -229,6 +314,8 @@ def run_instruction(model: nn.Module, encode: Callable[[str], list[int]], eos_id
     start = time.perf_counter()
     losses = fit(model, batches, lm_loss, fit_cfg, progress=progress)
     seconds = time.perf_counter() - start
-    return {"before": before, "after": evaluate_lm(model, test_batches), "losses": losses,
+    return {"before": before, "after": measure(), "losses": losses,
             "train_examples": len(data["train"]), "train_seconds": seconds,
+            "held_out": [{"instruction": e["instruction"], "input": e["input"],
+                          "reference": e["output"]} for e in held_out],
             "config": asdict(cfg), "fit": asdict(fit_cfg)}
