@@ -13,6 +13,7 @@ import torch
 
 from minigpt import checkpoint as ckpt_mod
 from minigpt import data
+from minigpt.bpe import train_bpe_from_text
 from minigpt.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -21,6 +22,7 @@ from minigpt.checkpoint import (
     save_checkpoint,
 )
 from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import CharTokenizer, Tokenizer
 from minigpt.tracking import plot_losses
 from minigpt.tracking import read_metrics as read_log
 from minigpt.train import (
@@ -32,6 +34,7 @@ from minigpt.train import (
     accumulate_gradients,
     estimate_loss,
     make_optimizer,
+    nats_per_char,
     train,
 )
 
@@ -213,6 +216,26 @@ def test_estimate_loss_is_deterministic_and_covers_the_split():
     with torch.no_grad():
         assert whole == pytest.approx(model(x, y)[1].item(), rel=1e-6)
     assert model.training
+
+
+def test_nats_per_char_is_the_same_total_over_characters():
+    text = "to be or not to be, that is the question " * 20
+    char = CharTokenizer.from_text(text)
+    ids = char.encode(text)
+    assert nats_per_char(1.5, ids, char) == pytest.approx(1.5)  # one character per token
+    vocab, merges = train_bpe_from_text(text, 300, ["<|endoftext|>"])
+    bpe = Tokenizer(vocab, merges, ["<|endoftext|>"])
+    ids = bpe.encode(text)
+    assert len(ids) < len(text) / 2  # merges made tokens of several characters
+    # same total nats, spread over the characters instead of the tokens
+    assert nats_per_char(2.0, ids, bpe) == pytest.approx(2.0 * len(ids) / len(text))
+
+
+@pytest.mark.parametrize("loss, ids", [(float("nan"), [1]), (-1.0, [1]), (1.0, [])])
+def test_nats_per_char_rejects_bad_input(loss, ids):
+    char = CharTokenizer.from_text("ab")
+    with pytest.raises(ValueError, match="nats_per_token|no characters"):
+        nats_per_char(loss, ids, char)
 
 
 def test_early_stopping(corpus, tmp_path):
