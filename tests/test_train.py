@@ -283,6 +283,17 @@ def test_shipped_model_matches_manifest_and_reproduces_val_loss(name):
     assert val_loss == pytest.approx(entry["val_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
+def test_shipped_bpe_model_beats_1_60_nats_per_char():
+    # issue 15: the base model of chapters 6-9 must reach <= 1.60 nats per character
+    entry = json.loads((SHIPPED / "manifest.json").read_text())["shakespeare-bpe"]
+    _, tok = load_model(SHIPPED / "shakespeare-bpe")
+    cfg = TrainConfig.from_dict(json.loads((SHIPPED / "shakespeare-bpe" / "config.json")
+                                           .read_text())["train"]["config"])
+    _, _, val = data.prepare_data(cfg.data_spec, tokenizer=tok)
+    assert nats_per_char(entry["val_loss"], val, tok) <= 1.60
+
+
 @pytest.fixture
 def hangup_not_ignored():
     """SIGHUP at its default (a run under nohup ignores it, and the trainer respects that)."""
