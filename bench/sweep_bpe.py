@@ -7,6 +7,8 @@ times the validation tokens over the characters they decode to), so variants wit
 vocabularies compare, and compare with the character model. Runs have a fixed number of steps
 (the cosine schedule ends at the last step), so losses compare at a fixed number of tokens;
 the machine was shared while sweeping, so wall times here are not measurements.
+``data/sweeps/shakespeare_bpe.json`` holds the variants that were run; the others are listed
+for a re-run with ``--only``.
 
     python bench/sweep_bpe.py --only "vocab 512" --threads 1
     python bench/sweep_bpe.py --collect out/sweep_bpe   # record runs made with --keep
