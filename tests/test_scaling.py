@@ -12,10 +12,12 @@ from minigpt.scaling import (
     compute_optimal,
     fit_power_law,
     matmul_flops_per_s,
+    mfu,
     non_embedding_params,
     power_law,
     read_sweep_csv,
     training_flops,
+    training_seconds,
     write_sweep_csv,
 )
 
@@ -75,6 +77,20 @@ def test_training_flops_and_compute_optimal():
             compute_optimal(bad)
     with pytest.raises(ValueError):
         training_flops(1e6, 0)
+
+
+def test_mfu_prices_a_run_at_the_utilisation_it_achieved():
+    # 1M parameters at 10k tokens/s do 6e10 FLOP/s: 30 % of a 2e11 FLOP/s peak
+    u = mfu(1e6, 1e4, 2e11)
+    assert u == pytest.approx(0.3)
+    # 6e15 FLOPs at that rate take 1e5 s, not the 3e4 s the bare peak promises
+    assert training_seconds(6e15, 2e11, u) == pytest.approx(1e5)
+    assert training_seconds(6e15, 2e11, 1.0) == pytest.approx(3e4)
+    for bad in (0, -0.5, float("nan"), 1.5):
+        with pytest.raises(ValueError, match="utilisation"):
+            training_seconds(6e15, 2e11, bad)
+    with pytest.raises(ValueError, match="tokens_per_s"):
+        mfu(1e6, 0, 2e11)
 
 
 def test_chinchilla_parametric_optimum_minimises_the_loss():

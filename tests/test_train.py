@@ -13,6 +13,7 @@ import torch
 
 from minigpt import checkpoint as ckpt_mod
 from minigpt import data
+from minigpt.bpe import train_bpe_from_text
 from minigpt.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -21,6 +22,7 @@ from minigpt.checkpoint import (
     save_checkpoint,
 )
 from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import CharTokenizer, Tokenizer
 from minigpt.tracking import plot_losses
 from minigpt.tracking import read_metrics as read_log
 from minigpt.train import (
@@ -32,6 +34,7 @@ from minigpt.train import (
     accumulate_gradients,
     estimate_loss,
     make_optimizer,
+    nats_per_char,
     train,
 )
 
@@ -215,6 +218,26 @@ def test_estimate_loss_is_deterministic_and_covers_the_split():
     assert model.training
 
 
+def test_nats_per_char_is_the_same_total_over_characters():
+    text = "to be or not to be, that is the question " * 20
+    char = CharTokenizer.from_text(text)
+    ids = char.encode(text)
+    assert nats_per_char(1.5, ids, char) == pytest.approx(1.5)  # one character per token
+    vocab, merges = train_bpe_from_text(text, 300, ["<|endoftext|>"])
+    bpe = Tokenizer(vocab, merges, ["<|endoftext|>"])
+    ids = bpe.encode(text)
+    assert len(ids) < len(text) / 2  # merges made tokens of several characters
+    # same total nats, spread over the characters instead of the tokens
+    assert nats_per_char(2.0, ids, bpe) == pytest.approx(2.0 * len(ids) / len(text))
+
+
+@pytest.mark.parametrize("loss, ids", [(float("nan"), [1]), (-1.0, [1]), (1.0, [])])
+def test_nats_per_char_rejects_bad_input(loss, ids):
+    char = CharTokenizer.from_text("ab")
+    with pytest.raises(ValueError, match="nats_per_token|no characters"):
+        nats_per_char(loss, ids, char)
+
+
 def test_early_stopping(corpus, tmp_path):
     # lr = 0: the val loss never improves after the first evaluation
     res = train(tiny_config(corpus, tmp_path / "es", lr=0.0, min_lr=0.0, max_iters=40,
@@ -258,6 +281,17 @@ def test_shipped_model_matches_manifest_and_reproduces_val_loss(name):
     _, _, val = data.prepare_data(cfg.data_spec, tokenizer=tok)
     val_loss = estimate_loss(model, val, model.config.block_size)
     assert val_loss == pytest.approx(entry["val_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_shipped_bpe_model_beats_1_60_nats_per_char():
+    # issue 15: the base model of chapters 6-9 must reach <= 1.60 nats per character
+    entry = json.loads((SHIPPED / "manifest.json").read_text())["shakespeare-bpe"]
+    _, tok = load_model(SHIPPED / "shakespeare-bpe")
+    cfg = TrainConfig.from_dict(json.loads((SHIPPED / "shakespeare-bpe" / "config.json")
+                                           .read_text())["train"]["config"])
+    _, _, val = data.prepare_data(cfg.data_spec, tokenizer=tok)
+    assert nats_per_char(entry["val_loss"], val, tok) <= 1.60
 
 
 @pytest.fixture

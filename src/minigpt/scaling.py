@@ -116,6 +116,26 @@ def matmul_flops_per_s(
     return 2.0 * size**3 * n / elapsed
 
 
+def mfu(n_params: float, tokens_per_s: float, peak_flops_per_s: float) -> float:
+    """Model FLOP utilisation of a measured training run: 6 N tokens/s over a peak rate.
+
+    The FLOP rate training achieves (``6 * n_params * tokens_per_s``) is a fraction of the
+    machine's matmul peak: small matrices, attention, norms, the optimiser and memory traffic
+    all cost time that does no weight FLOPs. Cost estimates divide by peak x MFU.
+    """
+    _check_positive(n_params=n_params, tokens_per_s=tokens_per_s,
+                    peak_flops_per_s=peak_flops_per_s)
+    return 6.0 * n_params * tokens_per_s / peak_flops_per_s
+
+
+def training_seconds(flops: float, peak_flops_per_s: float, utilisation: float) -> float:
+    """Wall time of ``flops`` of training at ``utilisation`` (MFU) of ``peak_flops_per_s``."""
+    _check_positive(flops=flops, peak_flops_per_s=peak_flops_per_s, utilisation=utilisation)
+    if utilisation > 1:
+        raise ValueError(f"utilisation is a fraction of the peak (<= 1), got {utilisation!r}")
+    return flops / (peak_flops_per_s * utilisation)
+
+
 # ---------------------------------------------------------------------------- the fit
 def power_law(n, a: float, alpha: float, c: float):
     """``a * n**-alpha + c`` (elementwise on arrays)."""
@@ -289,6 +309,6 @@ def read_sweep_csv(path: str | Path) -> list[dict]:
 __all__ = [
     "HOFFMANN", "KAPLAN_ALPHA_C_MIN", "KAPLAN_ALPHA_D", "KAPLAN_ALPHA_N", "KAPLAN_N_C",
     "SWEEP_SIZES", "ChinchillaFit", "compute_optimal", "fit_power_law", "matmul_flops_per_s",
-    "non_embedding_params", "power_law", "read_sweep_csv", "run_rows", "sweep", "training_flops",
-    "write_sweep_csv",
+    "mfu", "non_embedding_params", "power_law", "read_sweep_csv", "run_rows", "sweep",
+    "training_flops", "training_seconds", "write_sweep_csv",
 ]

@@ -33,7 +33,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +52,7 @@ from minigpt.checkpoint import (
 )
 from minigpt.model import GPT
 from minigpt.optim import lr_at, optimizer_step
+from minigpt.tokenizer import CharTokenizer, Tokenizer
 from minigpt.train_config import ConfigError, TrainConfig
 
 Callback = Callable[[dict], None]  # called with each evaluation's record
@@ -128,6 +129,23 @@ def estimate_loss(
         total += loss.double() * windows.size(0)
     model.train(was_training)
     return total.item() / len(starts)
+
+
+def nats_per_char(nats_per_token: float, tokens: Sequence[int],
+                  tokenizer: CharTokenizer | Tokenizer) -> float:
+    """A mean loss per token of ``tokens`` converted to nats per character of their text.
+
+    Loss per token depends on the tokenizer (a BPE token carries several characters); per
+    character it does not, so models with different tokenizers compare on the same split:
+    total nats (``nats_per_token * len(tokens)``) over the characters the tokens decode to.
+    Divide by ln 2 for bits per character.
+    """
+    if not math.isfinite(nats_per_token) or nats_per_token < 0:
+        raise ValueError(f"nats_per_token must be a finite loss >= 0, got {nats_per_token!r}")
+    n_chars = len(tokenizer.decode([int(t) for t in tokens]))
+    if n_chars == 0:
+        raise ValueError("the tokens decode to no characters; pass a non-empty split")
+    return nats_per_token * len(tokens) / n_chars
 
 
 # ---------------------------------------------------------------------------- one step
@@ -383,5 +401,6 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
 __all__ = [
     "CheckpointWriteError", "ConfigError", "Run", "StopOnSignal", "TrainConfig", "TrainResult",
-    "TrainingInterrupted", "accumulate_gradients", "estimate_loss", "make_optimizer", "train",
+    "TrainingInterrupted", "accumulate_gradients", "estimate_loss", "make_optimizer",
+    "nats_per_char", "train",
 ]
