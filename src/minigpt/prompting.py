@@ -93,7 +93,7 @@ def score_candidates(
     answers = [encode(c) for c in candidates]
     width = len(context) + max(len(a) for a in answers)
     check_fits(model, width)
-    rows = torch.zeros(len(answers), width, dtype=torch.long)  # right-padded: causal model
+    rows = torch.zeros(len(answers), width, dtype=torch.long)  # right-padded (causal)
     for i, answer in enumerate(answers):
         rows[i, : len(context) + len(answer)] = torch.tensor(context + answer)
     logp = model.eval()(rows[:, :-1])[0].float().log_softmax(-1)
