@@ -88,7 +88,7 @@ def check_fits(model: GPT, n_tokens: int) -> None:
 def score_candidates(
     model: GPT, encode: Encode, prompt: str, candidates: Sequence[str]
 ) -> torch.Tensor:
-    """log p(candidate | prompt) of each candidate: the sum over its tokens (teacher forced)."""
+    """Each candidate's log p(candidate | prompt), summed over its tokens."""
     context = encode(prompt)
     answers = [encode(c) for c in candidates]
     width = len(context) + max(len(a) for a in answers)
