@@ -12,15 +12,18 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from minigpt.bpe import train_bpe_from_text
 from minigpt.checkpoint import CheckpointError, load_model
 from minigpt.data import gpt2_tokenizer
+from minigpt.data import path as data_path
 from minigpt.model import GPT, gpt2_config, param_count
 from minigpt.pretrained import (
     PretrainedError,
     from_pretrained,
     hf_config,
     load_hf,
+    load_tokenizer,
     save_hf,
     to_hf_state_dict,
 )
+from minigpt.pretrained import download as pretrained_download
 from minigpt.tokenizer import Tokenizer
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
@@ -258,3 +261,48 @@ def test_gpt2_sizes_match_transformers(name):
     assert param_count(cfg, non_embedding=False) == n_hf
     assert n_hf == {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
                     "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}[name]
+
+
+def test_shipped_model_exported_to_hf_loads_back_with_identical_logits(tmp_path):
+    """Chapter 8's offline path: shakespeare-bpe -> save_hf -> from_pretrained/load_tokenizer."""
+    ours, tok = load_model(SHIPPED / "shakespeare-bpe")
+    save_hf(ours, tmp_path, tok)
+    back, back_tok = from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?\n<|endoftext|>"
+    assert back_tok.encode(text) == tok.encode(text)
+    assert back_tok.special_tokens == tok.special_tokens
+    idx = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], ours.eval()(idx)[0])
+        assert (_hf(tmp_path)(idx).logits - ours(idx)[0]).abs().max() <= 1e-4
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["eos_token_id"] == tok.special_tokens["<|endoftext|>"]
+
+
+def test_load_tokenizer_needs_the_tokenizer_files(hf_dir, tmp_path):
+    with pytest.raises(PretrainedError, match="has no vocab.json or merges.txt"):
+        load_tokenizer(hf_dir)
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(PretrainedError, match="not a GPT-2-style tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_offline_download_brings_cached_tokenizer_files(hf_dir, tmp_path, monkeypatch):
+    """GPT-2 from the hub cache: weights and tokenizer through the same two calls."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "models--openai-community--gpt2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((hf_dir / name).read_bytes())
+    directory = pretrained_download("gpt2", cache_dir=tmp_path)
+    with pytest.raises(PretrainedError, match="no vocab.json"):
+        load_tokenizer(directory)
+    (snapshot / "vocab.json").write_bytes(data_path("gpt2-encoder").read_bytes())
+    (snapshot / "merges.txt").write_bytes(data_path("gpt2-vocab").read_bytes())
+    tok = load_tokenizer(pretrained_download("gpt2", cache_dir=tmp_path))
+    assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]

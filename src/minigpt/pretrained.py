@@ -24,11 +24,15 @@ Design choices:
   the file's header, so a config claiming a billion layers allocates nothing;
 * ``save_hf`` writes what ``transformers.GPT2LMHeadModel.from_pretrained`` loads, with
   end-of-text ids that exist in the model's vocabulary, plus the tokenizer files
-  (``vocab.json``, ``merges.txt``) when the tokenizer is a byte-level BPE.
+  (``vocab.json``, ``merges.txt``) when the tokenizer is a byte-level BPE; ``load_tokenizer``
+  reads those files back, so an exported model of ours and GPT-2 from the hub load through the
+  same two calls (``from_pretrained``, ``load_tokenizer``). ``download`` fetches the tokenizer
+  files too when the hub has them (GPT-2's are optional: the weights load without them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -52,6 +56,7 @@ from minigpt.checkpoint import (
 )
 from minigpt.data import path as data_path
 from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import Tokenizer
 
 HUB_REPOS = {  # the released sizes, as hosted on the Hugging Face Hub
     "gpt2": "openai-community/gpt2",
@@ -62,6 +67,7 @@ HUB_REPOS = {  # the released sizes, as hosted on the Hugging Face Hub
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # weights stored (in, out)
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
 _FILES = ("config.json", "model.safetensors")
+_TOKENIZER_FILES = ("vocab.json", "merges.txt")  # GPT-2's byte-level BPE, as on the hub
 GPT2_EOT = 50256  # GPT-2's <|endoftext|>, its only special token
 
 
@@ -248,6 +254,28 @@ def save_hf(model: GPT, directory: str | os.PathLike, tokenizer: Any = None) -> 
     return directory
 
 
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """The byte-level BPE of a Hugging Face directory (``vocab.json`` + ``merges.txt``).
+
+    Reads what ``save_hf`` writes and what GPT-2's hub repository holds; ``<|endoftext|>``
+    is a special token when the vocabulary has it.
+    """
+    directory = Path(directory)
+    missing = [name for name in _TOKENIZER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise PretrainedError(
+            f"{directory.name} has no {' or '.join(missing)}: no byte-level BPE tokenizer to "
+            "load; export the model with save_hf(model, directory, tokenizer)"
+        )
+    vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+    specials = ["<|endoftext|>"] if "<|endoftext|>" in vocab else []
+    try:
+        return Tokenizer.from_gpt2_files(directory / "vocab.json", directory / "merges.txt",
+                                         specials)
+    except ValueError as e:  # merges that the vocabulary does not hold, a malformed line
+        raise PretrainedError(f"{directory.name}: not a GPT-2-style tokenizer: {e}") from None
+
+
 def _endpoint() -> str:
     from huggingface_hub import constants
 
@@ -277,7 +305,8 @@ def download(
     name: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
     timeout: float = 3.0,
 ) -> Path:
-    """Fetch ``config.json`` and ``model.safetensors`` of a hub model; return their directory.
+    """Fetch ``config.json`` and ``model.safetensors`` of a hub model (and its ``vocab.json``
+    and ``merges.txt`` when it has them); return their directory.
 
     ``name`` is a GPT-2 size ("gpt2", ..., "gpt2-xl") or a hub repository id. Files come from the
     Hugging Face cache when present; without a network the cache is the only source, and a
@@ -295,6 +324,10 @@ def download(
                 repo_id, filename, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
                 local_files_only=offline,
             ))
+        for filename in _TOKENIZER_FILES:  # optional: the weights load without them
+            with contextlib.suppress(Exception):
+                hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                endpoint=endpoint, local_files_only=offline)
     except Exception as err:  # the hub raises many error types (offline, HTTP, not found)
         why = "no network connection to" if offline else "could not download from"
         raise PretrainedError(
