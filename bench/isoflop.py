@@ -1,15 +1,15 @@
 """IsoFLOP profile with a learning-rate sweep per model size (chapter 9), written as JSON.
 
     nice -n 10 python bench/isoflop.py --out data/scaling/isoflop.json
-    python bench/isoflop.py --sizes c6k c12k c28k c55k c150k c330k c790k --lr-steps 256 \
-        --budgets 1e10 3e10 1e11 3e11 1e12 --out /tmp/isoflop-big.json   # a longer study
+    python bench/isoflop.py --sizes c6k c12k c28k c55k c150k c330k --lrs 1.5e-3 3e-3 6e-3 1.2e-2 \
+        --lr-budget 1e11 --budgets 3e10 1e11 3e11 --out /tmp/isoflop-big.json  # a longer study
 
 Two phases, all on Tiny Shakespeare characters (65 symbols, context 64, batch 16, AdamW with
 warm-up and cosine decay to lr/10, no dropout, seed 1337, one thread per run):
 
-1. **Learning rates.** Every size of ``--sizes`` is trained for ``--lr-steps`` steps at each
-   rate of ``--lrs``; the rate with the lowest final validation loss is that size's rate for
-   phase 2.
+1. **Learning rates.** Every size of ``--sizes`` is trained at each rate of ``--lrs`` on the
+   ``--lr-budget`` compute; the rate with the lowest final validation loss is that size's rate
+   for phase 2 (where the runs of that budget at that rate are reused).
 2. **IsoFLOPs.** For each budget of ``--budgets`` (FLOPs ``C = 6 N D``, N the non-embedding
    parameters), every size is trained on ``D = C / (6 N)`` tokens (sizes that would get fewer
    than ``--min-steps`` optimiser steps are left out).
@@ -35,7 +35,7 @@ from minigpt.scaling import non_embedding_params
 from minigpt.train import TrainConfig, train
 
 # (n_layer, n_head, n_embd): non-embedding parameters from ~7K to ~0.8M, ~2.3x apart; the
-# default study uses the first five (the larger ones need budgets above 1e11 FLOPs).
+# default study uses the first four (the larger ones need budgets above 3e10 FLOPs).
 SIZES: dict[str, tuple[int, int, int]] = {
     "c6k": (1, 2, 24),
     "c12k": (1, 2, 32),
@@ -85,11 +85,12 @@ def run(job: tuple[str, str, tuple[int, int, int], float, int, str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="+", default=list(SIZES)[:5], choices=SIZES)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3, 1.2e-2])
-    p.add_argument("--lr-steps", type=int, default=128, help="steps of each learning-rate run")
-    p.add_argument("--budgets", type=float, nargs="+", default=[1e10, 3e10, 1e11])
-    p.add_argument("--min-steps", type=int, default=24)
+    p.add_argument("--sizes", nargs="+", default=list(SIZES)[:4], choices=SIZES)
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 6e-3, 1.2e-2])
+    p.add_argument("--lr-budget", type=float, default=1e10,
+                   help="the compute of each learning-rate run (its runs are reused in phase 2)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[3e9, 1e10, 3e10])
+    p.add_argument("--min-steps", type=int, default=16)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--runs", default="out/isoflop")
     p.add_argument("--out", default="data/scaling/isoflop.json")
@@ -101,17 +102,19 @@ def main(argv: list[str] | None = None) -> None:
               "setup": "Tiny Shakespeare characters; AdamW (weight decay 0.1), linear warm-up "
                        "over steps/20, cosine decay to lr/10 at the last step; no dropout; "
                        "flops = 6 * non_embedding_params * tokens",
-              "common": COMMON, "lr_steps": args.lr_steps, "budgets": [], "isoflop": []}
+              "common": COMMON, "lr_budget": args.lr_budget, "budgets": [], "isoflop": []}
     with ProcessPoolExecutor(args.jobs) as pool:
         result["lr_sweep"] = list(pool.map(run, [
-            (f"{k}/lr{args.lr_steps}/{lr:g}", k, s, lr, args.lr_steps, args.runs)
-            for k, s in sizes.items() for lr in args.lrs]))
+            (f"{k}/{args.lr_budget:g}/{lr:g}", k, s, lr, steps_for(args.lr_budget, s), args.runs)
+            for k, s in sizes.items() for lr in args.lrs
+            if steps_for(args.lr_budget, s) >= args.min_steps]))
         best = {k: min((r for r in result["lr_sweep"] if r["name"] == k),
-                       key=lambda r: r["val_loss"])["lr"] for k in sizes}
+                       key=lambda r: r["val_loss"])["lr"]
+                for k in {r["name"] for r in result["lr_sweep"]}}
         result["best_lr"] = best
         for c in args.budgets:  # the file is rewritten after each budget: a partial study is kept
             jobs = [(f"{k}/{c:g}/{best[k]:g}", k, s, best[k], steps_for(c, s), args.runs)
-                    for k, s in sizes.items() if steps_for(c, s) >= args.min_steps]
+                    for k, s in sizes.items() if k in best and steps_for(c, s) >= args.min_steps]
             result["isoflop"] += [{**row, "budget": c} for row in pool.map(run, jobs)]
             result["budgets"].append(c)
             result["wall_seconds"] = round(time.perf_counter() - start)
