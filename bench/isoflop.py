@@ -12,7 +12,7 @@ warm-up and cosine decay to lr/10, no dropout, seed 1337, one thread per run):
    for phase 2 (where the runs of that budget at that rate are reused).
 2. **IsoFLOPs.** For each budget of ``--budgets`` (FLOPs ``C = 6 N D``, N the non-embedding
    parameters), every size is trained on ``D = C / (6 N)`` tokens (sizes that would get fewer
-   than ``--min-steps`` optimiser steps are left out).
+   than ``--min-steps`` optimiser steps, or more than ``--max-steps``, are left out).
 
 The results depend on the number of steps, not on the time they take, so a loaded machine
 gives the same numbers, only later. Each run logs to ``--runs/<tag>/``; a finished run of the
@@ -34,9 +34,11 @@ from minigpt.model import GPTConfig
 from minigpt.scaling import non_embedding_params
 from minigpt.train import TrainConfig, train
 
-# (n_layer, n_head, n_embd): non-embedding parameters from ~7K to ~0.8M, ~2.3x apart; the
-# default study uses the first four (the larger ones need budgets above 3e10 FLOPs).
+# (n_layer, n_head, n_embd): non-embedding parameters from ~2K to ~0.8M, ~2x apart; the
+# default study uses the first six (the larger ones need budgets above 3e10 FLOPs).
 SIZES: dict[str, tuple[int, int, int]] = {
+    "c2k": (1, 2, 12),
+    "c3k": (1, 2, 16),
     "c6k": (1, 2, 24),
     "c12k": (1, 2, 32),
     "c28k": (2, 2, 32),
@@ -85,12 +87,15 @@ def run(job: tuple[str, str, tuple[int, int, int], float, int, str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="+", default=list(SIZES)[:4], choices=SIZES)
+    p.add_argument("--sizes", nargs="+", default=list(SIZES)[:6], choices=SIZES)
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 6e-3, 1.2e-2])
     p.add_argument("--lr-budget", type=float, default=1e10,
                    help="the compute of each learning-rate run (its runs are reused in phase 2)")
     p.add_argument("--budgets", type=float, nargs="+", default=[3e9, 1e10, 3e10])
     p.add_argument("--min-steps", type=int, default=16)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="leave out runs longer than this (the smallest sizes on the largest "
+                        "budgets), to shorten a provisional run")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--runs", default="out/isoflop")
     p.add_argument("--out", default="data/scaling/isoflop.json")
@@ -114,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         result["best_lr"] = best
         for c in args.budgets:  # the file is rewritten after each budget: a partial study is kept
             jobs = [(f"{k}/{c:g}/{best[k]:g}", k, s, best[k], steps_for(c, s), args.runs)
-                    for k, s in sizes.items() if k in best and steps_for(c, s) >= args.min_steps]
+                    for k, s in sizes.items() if k in best
+                    and args.min_steps <= steps_for(c, s) <= (args.max_steps or steps_for(c, s))]
             result["isoflop"] += [{**row, "budget": c} for row in pool.map(run, jobs)]
             result["budgets"].append(c)
             result["wall_seconds"] = round(time.perf_counter() - start)
