@@ -1,14 +1,14 @@
 """Decoding speed: tokens/s of ``minigpt.generate`` with and without the KV cache, against
 Hugging Face ``transformers`` ``generate(use_cache=True, do_sample=False)`` on the same shapes.
 
-Run by hand from the repository root (needs ``pip install transformers``, a bench-only
-dependency):
+Run from the repository root (``--hf`` needs ``transformers``, a bench-only dependency):
 
-    python bench/generate_speed.py                 # char model + GPT-2 small, 128/512/1024 tokens
-    python bench/generate_speed.py --models char --lengths 128 512 --repeats 5
+    python bench/generate_speed.py --out data/bench/generate_speed.json   # what chapter 6 reads
+    python bench/generate_speed.py --models char --lengths 128 512 --repeats 5 --hf
 
 Batch 1, greedy, an 8-token prompt; every timing is the median of ``--repeats`` runs after a
-warm-up, and ours/HF is the median of the per-pair ratios of interleaved runs. Models:
+warm-up, stored with its spread (min and max), and ours/HF is the median of the per-pair ratios
+of interleaved runs. Models:
 
 * ``char``: the shipped Shakespeare character model's shape (``data/checkpoints/shakespeare-char``
   if it exists, else a 4-layer 128-wide stand-in), loaded weights when present;
@@ -16,19 +16,26 @@ warm-up, and ours/HF is the median of the per-pair ratios of interleaved runs. M
 
 Both frameworks get a context of prompt + longest length, so neither has to slide a window and
 they do exactly the same arithmetic. The uncached loop costs O(n^2) in the number of generated
-tokens, so for GPT-2 it is timed only up to ``--uncached-max`` tokens. Writes a table to stdout
-and ``bench/out/generate_speed.png`` (tokens/s, and the cache's speed-up, against length).
+tokens, so it is timed only up to ``--uncached-max`` tokens. Writes a table to stdout,
+``bench/out/generate_speed.png`` (tokens/s, and the cache's speed-up, against length) and, with
+``--out``, a JSON file with the rows, the command and the machine (CPU, cores, torch, load).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import machine, summary
 
+from minigpt.atomic import atomic_write_text
+from minigpt.checkpoint import load_model
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig, gpt2_config
 
@@ -36,12 +43,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT_LEN = 8
 
 
-def char_config(context: int) -> tuple[GPTConfig, Path | None]:
-    """The shipped char model's config with the context widened to ``context`` tokens."""
-    ckpt = ROOT / "data" / "checkpoints" / "shakespeare-char"
+def shipped_config(name: str, context: int) -> tuple[GPTConfig, Path | None]:
+    """A shipped model's config (``shakespeare-char`` or ``-bpe``) with the context widened to
+    ``context`` tokens; a 4-layer 128-wide stand-in when the checkpoint is missing."""
+    ckpt = ROOT / "data" / "checkpoints" / f"shakespeare-{name}"
     if (ckpt / "config.json").is_file():
-        from minigpt.checkpoint import load_model
-
         model, _ = load_model(ckpt)
         cfg = model.config.to_dict()
     else:
@@ -51,19 +57,15 @@ def char_config(context: int) -> tuple[GPTConfig, Path | None]:
     return GPTConfig(**cfg), ckpt
 
 
-def build_models(name: str, context: int):
-    """Our GPT and a Hugging Face GPT2LMHeadModel with the same shapes (eval mode)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def build_models(name: str, context: int, with_hf: bool):
+    """Our GPT and (``with_hf``) a Hugging Face GPT2LMHeadModel of the same shapes (eval)."""
     if name == "gpt2":
         cfg, ckpt = gpt2_config("gpt2", block_size=max(1024, context)), None
     else:
-        cfg, ckpt = char_config(context)
+        cfg, ckpt = shipped_config(name, context)
     torch.manual_seed(0)
     ours = GPT(cfg).eval()
     if ckpt is not None:  # the trained weights; positions past the trained context stay random
-        from minigpt.checkpoint import load_model
-
         trained, _ = load_model(ckpt)
         state = trained.state_dict()
         wpe = state.get("transformer.wpe.weight")
@@ -72,6 +74,10 @@ def build_models(name: str, context: int):
             full[: wpe.size(0)] = wpe
             state["transformer.wpe.weight"] = full
         ours.load_state_dict(state)
+    if not with_hf:
+        return ours, None, ckpt
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     hf_cfg = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=None, eos_token_id=None,
@@ -100,8 +106,9 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(y / x for x, y in zip(a, b, strict=True))
 
 
-def bench_model(name: str, lengths: list[int], repeats: int, uncached_max: int) -> list[dict]:
-    ours, hf, ckpt = build_models(name, PROMPT_LEN + max(lengths))
+def bench_model(name: str, lengths: list[int], repeats: int, uncached_max: int,
+                with_hf: bool) -> list[dict]:
+    ours, hf, ckpt = build_models(name, PROMPT_LEN + max(lengths), with_hf)
     print(f"\n## {name}: {ours.num_params() / 1e6:.1f}M parameters, "
           f"{'weights from ' + str(ckpt.relative_to(ROOT)) if ckpt else 'random weights'}")
     prompt = torch.randint(0, ours.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator()
@@ -118,8 +125,10 @@ def bench_model(name: str, lengths: list[int], repeats: int, uncached_max: int) 
                                   use_cache=True, max_new_tokens=n, min_new_tokens=n)
             assert out.size(1) == PROMPT_LEN + n
 
-        fns = {"cached": lambda: run_ours(True), "hf": run_hf}
-        if name == "char" or n <= uncached_max:
+        fns = {"cached": lambda: run_ours(True)}
+        if with_hf:
+            fns["hf"] = run_hf
+        if n <= uncached_max:
             fns["uncached"] = lambda: run_ours(False)
         return fns
 
@@ -128,17 +137,19 @@ def bench_model(name: str, lengths: list[int], repeats: int, uncached_max: int) 
     rows = []
     for n in lengths:
         fns = variants(n)
-        reps = {k: repeats if k != "uncached" else max(1, repeats // 2) for k in fns}
-        row = {"model": name, "tokens": n}
-        times = run_times(fns, reps)
-        row.update({k: n / statistics.median(ts) for k, ts in times.items()})
-        row["ours/hf"] = paired_ratio(times["cached"], times["hf"])
+        times = run_times(fns, {k: repeats for k in fns})
+        row = {"model": name, "params": ours.num_params(), "tokens": n}
+        row.update({k: summary([n / t for t in ts], 2) for k, ts in times.items()})
+        line = f"{n:5d} tokens | minigpt cached {row['cached']['median']:8.1f} tok/s"
+        if "uncached" in row:
+            row["speedup"] = round(paired_ratio(times["cached"], times["uncached"]), 3)
+            line += (f" | uncached {row['uncached']['median']:8.1f} tok/s"
+                     f" | cache speed-up {row['speedup']:.2f}x")
+        if with_hf:
+            row["ours/hf"] = round(paired_ratio(times["cached"], times["hf"]), 3)
+            line += f" | HF cached {row['hf']['median']:8.1f} tok/s | ours/HF {row['ours/hf']:.2f}x"
         rows.append(row)
-        unc = row.get("uncached")
-        print(f"{n:5d} tokens | minigpt cached {row['cached']:8.1f} tok/s | "
-              f"uncached {unc if unc is None else f'{unc:8.1f}'} tok/s | "
-              f"HF cached {row['hf']:8.1f} tok/s | ours/HF {row['ours/hf']:.2f}x"
-              + (f" | cache speed-up {row['cached'] / unc:.1f}x" if unc else ""))
+        print(line, flush=True)
     return rows
 
 
@@ -152,17 +163,17 @@ def plot(rows: list[dict], path: Path) -> None:
     for name in sorted({r["model"] for r in rows}):
         rs = [r for r in rows if r["model"] == name]
         n = [r["tokens"] for r in rs]
-        ax1.plot(n, [r["cached"] for r in rs], "o-", label=f"{name}: minigpt, KV cache")
-        ax1.plot(n, [r["hf"] for r in rs], "s--", label=f"{name}: HF generate")
+        ax1.plot(n, [r["cached"]["median"] for r in rs], "o-", label=f"{name}: minigpt, KV cache")
+        if "hf" in rs[0]:
+            ax1.plot(n, [r["hf"]["median"] for r in rs], "s--", label=f"{name}: HF generate")
         un = [r for r in rs if "uncached" in r]
-        ax1.plot([r["tokens"] for r in un], [r["uncached"] for r in un], "x:",
+        ax1.plot([r["tokens"] for r in un], [r["uncached"]["median"] for r in un], "x:",
                  label=f"{name}: minigpt, no cache")
-        ax2.plot([r["tokens"] for r in un], [r["cached"] / r["uncached"] for r in un], "o-",
-                 label=name)
+        ax2.plot([r["tokens"] for r in un], [r["speedup"] for r in un], "o-", label=name)
     ax1.set(xscale="log", yscale="log", xlabel="generated tokens", ylabel="tokens / s",
-            title="Greedy decoding speed, batch 1")
-    ax2.set(xscale="log", xlabel="generated tokens", ylabel="cached / uncached tokens/s",
-            title="KV-cache speed-up grows with length")
+            title="Greedy decoding speed, batch 1 (medians)")
+    ax2.set(xscale="log", xlabel="generated tokens", ylabel="cached / uncached time",
+            title="KV-cache speed-up against length")
     ax1.legend(fontsize=7)
     ax2.legend()
     fig.tight_layout()
@@ -171,22 +182,34 @@ def plot(rows: list[dict], path: Path) -> None:
     print(f"\nwrote {path.relative_to(ROOT)}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["char", "gpt2"], choices=["char", "gpt2"])
-    ap.add_argument("--lengths", nargs="+", type=int, default=[128, 512, 1024])
+    ap.add_argument("--models", nargs="+", default=["bpe", "gpt2"],
+                    choices=["char", "bpe", "gpt2"])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[16, 32, 64, 128, 256, 1016])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--uncached-max", type=int, default=128,
-                    help="longest uncached run for gpt2 (the uncached loop is O(n^2))")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = ap.parse_args()
+                    help="longest uncached run (the uncached loop is O(n^2))")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, prompt {PROMPT_LEN} tokens, "
           f"medians of {args.repeats} runs")
-    rows = []
+    result = {"command": "python bench/generate_speed.py "
+              + shlex.join(sys.argv[1:] if argv is None else argv),
+              "machine": machine(), "prompt_tokens": PROMPT_LEN, "rows": []}
+    start = time.perf_counter()
     for name in args.models:
-        rows += bench_model(name, args.lengths, args.repeats, args.uncached_max)
-    plot(rows, ROOT / "bench" / "out" / "generate_speed.png")
+        result["rows"] += bench_model(name, args.lengths, args.repeats, args.uncached_max,
+                                      args.hf)
+    plot(result["rows"], ROOT / "bench" / "out" / "generate_speed.png")
+    result["load_average_after"] = machine()["load_average_1_5_15"]
+    result["wall_seconds"] = round(time.perf_counter() - start)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out} in {result['wall_seconds']} s")
 
 
 if __name__ == "__main__":

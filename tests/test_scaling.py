@@ -137,3 +137,38 @@ def test_sweep_csv_round_trip(tmp_path):
     assert [r["final"] for r in back] == [False, False, True]
     assert back[1]["tokens"] == 64 and back[2]["val_loss"] == pytest.approx(2.9)
     assert math.isclose(back[2]["flops"], rows[2]["flops"], rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------------------- IsoFLOP profiles
+def test_fit_isoflop_finds_the_minimum_of_a_parabola_in_log_n():
+    from minigpt.scaling import fit_isoflop
+
+    n = np.geomspace(1e4, 1e6, 7)
+    loss = 0.3 * (np.log(n) - math.log(5e4)) ** 2 + 2.0  # lowest at N = 5e4, loss 2
+    fit = fit_isoflop(n, loss, flops=1e12)
+    assert fit.flops == 1e12
+    assert fit.n_opt == pytest.approx(5e4, rel=1e-9)
+    assert fit.loss_opt == pytest.approx(2.0, abs=1e-9)
+    assert fit.loss(n) == pytest.approx(loss, abs=1e-9)
+
+
+def test_fit_isoflop_rejects_a_profile_without_a_minimum():
+    from minigpt.scaling import fit_isoflop
+
+    n = np.geomspace(1e4, 1e6, 5)
+    with pytest.raises(ValueError, match="do not curve upwards"):
+        fit_isoflop(n, 5.0 - 0.1 * np.log(n), flops=1e12)  # still falling: no minimum
+    with pytest.raises(ValueError, match="at least 3 distinct"):
+        fit_isoflop([1e4, 1e4, 2e4], [3.0, 3.0, 2.9], flops=1e12)
+    with pytest.raises(ValueError, match="flops"):
+        fit_isoflop(n, 0.3 * np.log(n) ** 2, flops=-1.0)
+
+
+def test_fit_power_recovers_the_exponent_of_optima_against_compute():
+    from minigpt.scaling import fit_power
+
+    c = np.array([3e10, 1e11, 3e11, 1e12])
+    k, e = fit_power(c, 0.09 * c**0.5)
+    assert (k, e) == (pytest.approx(0.09, rel=1e-9), pytest.approx(0.5, abs=1e-12))
+    with pytest.raises(ValueError, match="positive"):
+        fit_power([1.0, 2.0], [1.0, 0.0])

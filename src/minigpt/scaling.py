@@ -306,9 +306,75 @@ def read_sweep_csv(path: str | Path) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------- IsoFLOP profiles
+# Exponent a of the compute-optimal size N*(C) ~ C^a. Kaplan et al. 2020 (section 6.1): 0.73;
+# Hoffmann et al. 2022 (table 2), their approaches 1, 2 and 3: 0.50, 0.49, 0.46.
+KAPLAN_N_OPT_EXPONENT = 0.73
+HOFFMANN_N_OPT_EXPONENTS = (0.50, 0.49, 0.46)
+
+
+@dataclass(frozen=True)
+class IsoFLOPFit:
+    """A parabola in ln N through the losses of one compute budget (Hoffmann et al.'s
+    approach 2): ``loss = c2 (ln N)^2 + c1 ln N + c0``, lowest at ``n_opt``."""
+
+    flops: float
+    c2: float
+    c1: float
+    c0: float
+
+    @property
+    def n_opt(self) -> float:
+        """The size at the parabola's minimum: ln N* = -c1 / (2 c2)."""
+        return math.exp(-self.c1 / (2 * self.c2))
+
+    @property
+    def loss_opt(self) -> float:
+        """The fitted loss at ``n_opt``."""
+        return float(self.loss(self.n_opt))
+
+    def loss(self, n):
+        """The fitted loss at size(s) ``n``."""
+        x = np.log(np.asarray(n, dtype=float))
+        return self.c2 * x**2 + self.c1 * x + self.c0
+
+
+def fit_isoflop(n: Sequence[float], loss: Sequence[float], flops: float) -> IsoFLOPFit:
+    """Least-squares parabola in ln N through the final losses of models of sizes ``n``,
+    each trained with the same compute ``flops``; its minimum is the best size N*(C)."""
+    n_arr, l_arr = _positive_pairs(n, loss, minimum=3)
+    _check_positive(flops=flops)
+    c2, c1, c0 = np.polyfit(np.log(n_arr), l_arr, 2)
+    if c2 <= 0:
+        raise ValueError(f"the losses at C={flops:.3g} do not curve upwards in ln N, so they "
+                         "have no minimum: add sizes on both sides of the best one")
+    return IsoFLOPFit(float(flops), float(c2), float(c1), float(c0))
+
+
+def fit_power(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Fit ``y = k * x**e`` by least squares on ln y against ln x; return ``(k, e)``,
+    e.g. the exponent of N*(C) from the optima of several IsoFLOP profiles."""
+    x_arr, y_arr = _positive_pairs(x, y, minimum=2)
+    e, ln_k = np.polyfit(np.log(x_arr), np.log(y_arr), 1)
+    return math.exp(ln_k), float(e)
+
+
+def _positive_pairs(x: Sequence[float], y: Sequence[float], minimum: int):
+    x_arr, y_arr = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x_arr.shape != y_arr.shape or x_arr.ndim != 1 or len(np.unique(x_arr)) < minimum:
+        raise ValueError(f"need two 1-D sequences of equal length with at least {minimum} "
+                         "distinct x values")
+    if not (np.all(np.isfinite(x_arr)) and np.all(np.isfinite(y_arr))
+            and np.all(x_arr > 0) and np.all(y_arr > 0)):
+        raise ValueError("values must be positive and finite")
+    return x_arr, y_arr
+
+
 __all__ = [
     "HOFFMANN", "KAPLAN_ALPHA_C_MIN", "KAPLAN_ALPHA_D", "KAPLAN_ALPHA_N", "KAPLAN_N_C",
     "SWEEP_SIZES", "ChinchillaFit", "compute_optimal", "fit_power_law", "matmul_flops_per_s",
     "mfu", "non_embedding_params", "power_law", "read_sweep_csv", "run_rows", "sweep",
     "training_flops", "training_seconds", "write_sweep_csv",
 ]
+__all__ += ["HOFFMANN_N_OPT_EXPONENTS", "IsoFLOPFit", "KAPLAN_N_OPT_EXPONENT", "fit_isoflop",
+            "fit_power"]
