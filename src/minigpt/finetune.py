@@ -287,7 +287,8 @@ def tune_threshold(scores: Sequence[float], labels: Sequence[int]) -> float:
     choice does not hinge on a score's last digit; ties go to the candidate nearest 0.5.
     """
     distinct = sorted(set(scores))
-    candidates = [0.5] + [(a + b) / 2 for a, b in zip(distinct, distinct[1:], strict=False)]
+    midpoints = [(a + b) / 2 for a, b in zip(distinct, distinct[1:], strict=False)]
+    candidates = [0.5] + midpoints
     return max(candidates, key=lambda t: (precision_recall_f1(confusion_matrix(
         labels, [int(s > t) for s in scores]))[2], -abs(t - 0.5)))
 

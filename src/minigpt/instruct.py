@@ -199,7 +199,8 @@ def words(text: str) -> list[str]:
 
 
 def lcs_length(a: Sequence, b: Sequence) -> int:
-    """Length of the longest common subsequence of ``a`` and ``b`` (dynamic programming)."""
+    """Length of the longest common subsequence of ``a`` and ``b`` (by dynamic
+    programming)."""
     prev = [0] * (len(b) + 1)
     for x in a:
         row = [0]
