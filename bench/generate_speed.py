@@ -6,6 +6,9 @@ Run from the repository root (``--hf`` needs ``transformers``, a bench-only depe
     python bench/generate_speed.py --out data/bench/generate_speed.json   # what chapter 6 reads
     python bench/generate_speed.py --models char --lengths 128 512 --repeats 5 --hf
 
+``cached`` decodes with the KV cache through ``minigpt.engine`` (the default), ``module`` with
+the KV cache through the model's modules (``engine=False``).
+
 Batch 1, greedy, an 8-token prompt; every timing is the median of ``--repeats`` runs after a
 warm-up, stored with its spread (min and max), and ours/HF is the median of the per-pair ratios
 of interleaved runs. Models:
@@ -115,8 +118,8 @@ def bench_model(name: str, lengths: list[int], repeats: int, uncached_max: int,
                            .manual_seed(0))
 
     def variants(n: int) -> dict:
-        def run_ours(cache: bool) -> None:
-            out = generate(ours, prompt, n, temperature=0, use_cache=cache)
+        def run_ours(cache: bool, engine: bool = True) -> None:
+            out = generate(ours, prompt, n, temperature=0, use_cache=cache, engine=engine)
             assert len(out[0]) == n
 
         def run_hf() -> None:
@@ -125,7 +128,7 @@ def bench_model(name: str, lengths: list[int], repeats: int, uncached_max: int,
                                   use_cache=True, max_new_tokens=n, min_new_tokens=n)
             assert out.size(1) == PROMPT_LEN + n
 
-        fns = {"cached": lambda: run_ours(True)}
+        fns = {"cached": lambda: run_ours(True), "module": lambda: run_ours(True, False)}
         if with_hf:
             fns["hf"] = run_hf
         if n <= uncached_max:
@@ -140,7 +143,9 @@ def bench_model(name: str, lengths: list[int], repeats: int, uncached_max: int,
         times = run_times(fns, {k: repeats for k in fns})
         row = {"model": name, "params": ours.num_params(), "tokens": n}
         row.update({k: summary([n / t for t in ts], 2) for k, ts in times.items()})
-        line = f"{n:5d} tokens | minigpt cached {row['cached']['median']:8.1f} tok/s"
+        row["engine_speedup"] = round(paired_ratio(times["cached"], times["module"]), 3)
+        line = (f"{n:5d} tokens | minigpt cached {row['cached']['median']:8.1f} tok/s"
+                f" | module path {row['module']['median']:8.1f} tok/s")
         if "uncached" in row:
             row["speedup"] = round(paired_ratio(times["cached"], times["uncached"]), 3)
             line += (f" | uncached {row['uncached']['median']:8.1f} tok/s"

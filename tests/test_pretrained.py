@@ -306,3 +306,27 @@ def test_offline_download_brings_cached_tokenizer_files(hf_dir, tmp_path, monkey
     (snapshot / "merges.txt").write_bytes(data_path("gpt2-vocab").read_bytes())
     tok = load_tokenizer(pretrained_download("gpt2", cache_dir=tmp_path))
     assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
+
+
+def test_exact_gelu_round_trips_through_the_hf_layout(tmp_path):
+    """gelu_approx="none" is transformers' "gelu"; GPT-2's tanh form is "gelu_new"."""
+    torch.manual_seed(0)
+    ours = GPT(gpt2_config("gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=100,
+                           block_size=64, gelu_approx="none")).eval()
+    with torch.no_grad():  # pre-activations of order 1, where the two GELUs differ most
+        ours.lm_head.weight.mul_(10)
+        for block in ours.transformer.h:
+            block.mlp.c_fc.weight.mul_(5)
+            block.mlp.c_proj.weight.mul_(1000)
+    save_hf(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["activation_function"] == "gelu"
+    back = from_pretrained(tmp_path)
+    assert back.config.gelu_approx == "none"
+    idx = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], ours(idx)[0])
+        assert (_hf(tmp_path)(idx).logits - ours(idx)[0]).abs().max() <= 1e-5
+        tanh = GPT(gpt2_config("gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=100,
+                               block_size=64)).eval()
+        tanh.load_state_dict(ours.state_dict())
+        assert (tanh(idx)[0] - ours(idx)[0]).abs().max() > 1e-4  # the two GELUs differ

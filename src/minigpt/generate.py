@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor
 
+from minigpt.engine import engine_for, supports
 from minigpt.model import GPT, KVCache
 
 __all__ = [
@@ -79,7 +80,8 @@ class DecodeOptions:
     """How to decode. Each field holds its default and its rule, checked when built.
 
     ``stop_ids``: token sequences that end a row (kept in its output). ``window_shift``:
-    how the window slides past the context (see ``SlidingWindow``).
+    how the window slides past the context (see ``SlidingWindow``). ``engine``: with the
+    cache, one-token steps run on ``minigpt.engine`` (same logits, less overhead).
     """
 
     temperature: float = _option(1.0, "a finite number >= 0 (0 = greedy)",
@@ -103,6 +105,7 @@ class DecodeOptions:
     stop_ids: Sequence[Sequence[int]] = _option(
         (), "a list of token sequences, e.g. [[13], [198, 198]]", _is_stop_list)
     use_cache: bool = _option(True, "True or False", lambda b: isinstance(b, bool))
+    engine: bool = _option(True, "True or False", lambda b: isinstance(b, bool))
     window_shift: int = _option(1, "an integer >= 1", lambda s: _is_int(s) and s >= 1)
 
     def __post_init__(self) -> None:
@@ -272,10 +275,12 @@ class SlidingWindow:
         self.tokens, self.fed = prompts, 0  # fed: tokens of the window already cached
         self.seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=w.device)
         self.seen.scatter_(1, prompts, True)
-        self.cache = None
+        self.cache, self.engine = None, None
         if opts.use_cache:  # never longer than the context, whatever max_new is
             max_len = min(self.block, P + max_new)
             self.cache = KVCache(cfg, B, max_len, device=w.device, dtype=w.dtype)
+            if opts.engine and supports(model) and not model.training:
+                self.engine = engine_for(model)
 
     @torch.no_grad()
     def next_logits(self) -> Tensor:
@@ -285,17 +290,19 @@ class SlidingWindow:
             self.fed = 0
             if self.cache is not None:
                 self.cache.reset()
+        new = self.tokens[:, self.fed :]
         if self.cache is None:
-            logits, _ = self.model(self.tokens, last_only=True)
+            logits = self.model(self.tokens, last_only=True)[0][:, -1]
+        elif self.engine is not None and new.size(1) == 1:  # one token: the lean step
+            logits = self.engine.step(new[:, 0], self.cache)
         else:
-            new = self.tokens[:, self.fed :]
-            logits, _ = self.model(new, kv_cache=self.cache, last_only=True)
-            self.fed = self.tokens.size(1)
+            logits = self.model(new, kv_cache=self.cache, last_only=True)[0][:, -1]
+        self.fed = self.tokens.size(1)
         if not torch.isfinite(logits).all():
             raise NonFiniteLogitsError(
                 "the model's logits are NaN or infinite, so no token can be chosen; "
                 "its weights are probably corrupt (check them with torch.isfinite)")
-        return logits[:, -1]
+        return logits
 
     def append(self, ids: Tensor) -> None:
         """Add one token (B,) to every row."""

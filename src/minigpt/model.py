@@ -58,6 +58,7 @@ _CHOICES = {
     "mlp": ("gelu", "swiglu"),
     "pos_emb": ("learned", "rope"),
     "attn_impl": ("sdpa", "scratch"),
+    "gelu_approx": ("tanh", "none"),
 }
 
 
@@ -87,6 +88,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     attn_impl: str = "sdpa"  # or "scratch" (the from-scratch attention, equal outputs)
     mlp_hidden: int | None = None  # None: 4*n_embd (gelu), 8/3*n_embd rounded up to 64 (swiglu)
+    gelu_approx: str = "tanh"  # GPT-2's tanh approximation, or "none": the exact (erf) GELU
 
     def __post_init__(self) -> None:
         """Check every field's type and range; raise ``ConfigError`` naming the field."""
@@ -230,6 +232,7 @@ class MLP(nn.Module):
         super().__init__()
         H = config.hidden_dim
         self.swiglu = config.mlp == "swiglu"
+        self.approximate = config.gelu_approx
         self.c_fc = nn.Linear(config.n_embd, H, bias=config.bias)
         if self.swiglu:
             self.c_gate = nn.Linear(config.n_embd, H, bias=config.bias)
@@ -240,7 +243,7 @@ class MLP(nn.Module):
         if self.swiglu:  # silu(x W_gate) * (x W_fc): (B, T, H)
             h = F.silu(self.c_gate(x)) * self.c_fc(x)
         else:            # gelu(x W_fc): (B, T, H), H = 4C for GPT-2
-            h = F.gelu(self.c_fc(x), approximate="tanh")
+            h = F.gelu(self.c_fc(x), approximate=self.approximate)
         return self.dropout(self.c_proj(h))                 # back to (B, T, C)
 
 

@@ -69,6 +69,8 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, 
 _FILES = ("config.json", "model.safetensors")
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")  # GPT-2's byte-level BPE, as on the hub
 GPT2_EOT = 50256  # GPT-2's <|endoftext|>, its only special token
+# transformers' activation_function -> GPTConfig.gelu_approx ("gelu_new" is GPT-2's tanh form)
+_GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
 class PretrainedError(CheckpointError):
@@ -79,8 +81,12 @@ def config_from_hf(hf: Mapping) -> GPTConfig:
     """The ``GPTConfig`` of a Hugging Face GPT-2 ``config.json`` (a dict); checks what we assume."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise PretrainedError(f"config.json: model_type must be 'gpt2', got {hf['model_type']!r}")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in _GELUS:
+        raise PretrainedError(
+            f"config.json has activation_function={activation!r}; minigpt's GPT computes "
+            f"with one of {sorted(_GELUS)}, so this checkpoint cannot be loaded exactly")
     checks = {  # key: (value minigpt computes with, default in transformers' GPT2Config)
-        "activation_function": ("gelu_new", "gelu_new"),  # the tanh approximation of GELU
         "layer_norm_epsilon": (1e-5, 1e-5),  # torch's nn.LayerNorm default, which GPT uses
         "scale_attn_weights": (True, True),
         "scale_attn_by_inverse_layer_idx": (False, False),
@@ -99,7 +105,8 @@ def config_from_hf(hf: Mapping) -> GPTConfig:
     if missing:
         raise PretrainedError(f"config.json lacks {missing[0]!r}: not a GPT-2 config")
     try:
-        config = GPTConfig(**{ours: hf[key] for ours, key in sizes.items()}, dropout=0.0)
+        config = GPTConfig(**{ours: hf[key] for ours, key in sizes.items()}, dropout=0.0,
+                           gelu_approx=_GELUS[activation])
     except ValueError as e:  # ConfigError: a size of the wrong type or range
         raise PretrainedError(f"config.json: {e}") from None
     if hf.get("n_inner") not in (None, 4 * config.n_embd):
@@ -130,7 +137,8 @@ def hf_config(config: GPTConfig, eos_token_id: int | None = None) -> dict:
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.vocab_size, "n_positions": config.block_size,
         "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
-        "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "n_inner": None, "layer_norm_epsilon": 1e-5,
+        "activation_function": "gelu_new" if config.gelu_approx == "tanh" else "gelu",
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
         "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,

@@ -1,0 +1,172 @@
+"""A lean decoding engine: one new token per row per call, no module calls (chapters 6, 9).
+
+After the prompt is in the KV cache, each generated token costs one matrix-vector product
+per weight matrix plus attention over the cached keys. ``GPT.forward`` spends most of a
+small model's step in Python (about fifty module calls per token, input checks, masks);
+for a large one the products dominate. Design choices:
+
+- ``Engine(model)`` copies the weights of a ``GPT`` once, each Linear weight transposed
+  from (out, in) to a contiguous (in, out): ``x @ W`` then streams W row by row, which
+  the CPU's matrix-vector kernel reads faster than ``F.linear``'s layout (GPT-2's
+  50257 x 768 output layer: 1.6-1.7x on the AMD EPYC we measured; ``bench/
+  generate_speed.py``). The price is a second copy of the matrices in memory.
+- ``step(ids, cache)`` is plain tensor functions over those copies and the same
+  ``KVCache`` the model fills in the prefill: the new token attends to every cached slot,
+  so no mask is needed. Its logits equal ``GPT.forward``'s to float rounding (tested).
+- Every ``GPTConfig`` variant is supported (LayerNorm/RMSNorm, GELU/SwiGLU, learned/rotary
+  positions, grouped-query attention). A model whose modules were replaced (LoRA,
+  adapters, int8) is not: ``supports(model)`` says so and ``generate`` keeps the module
+  path. ``engine_for(model)`` keeps one engine per model and rebuilds it when a weight
+  changes (tensor version counters), so a model trained between calls is never stale.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minigpt.attention import KVCache, apply_rope, rope_cos_sin, torch_attention
+from minigpt.model import GPT, MLP, Block, CausalSelfAttention, RMSNorm
+
+__all__ = ["Engine", "engine_for", "supports"]
+
+_KNOWN = (GPT, Block, CausalSelfAttention, MLP, nn.Linear, nn.LayerNorm, RMSNorm,
+          nn.Embedding, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Dropout)
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether ``Engine`` can run ``model``: a ``GPT`` built only of its own module types."""
+    return isinstance(model, GPT) and all(type(m) in _KNOWN for m in model.modules())
+
+
+@dataclass
+class _Linear:
+    w: Tensor  # (in, out), contiguous
+    b: Tensor | None
+
+    @classmethod
+    def of(cls, layer: nn.Linear) -> _Linear:
+        b = None if layer.bias is None else layer.bias.detach().clone()
+        return cls(layer.weight.detach().t().contiguous(), b)
+
+    def __call__(self, x: Tensor) -> Tensor:          # x (B, in) -> (B, out)
+        return x @ self.w if self.b is None else torch.addmm(self.b, x, self.w)
+
+
+@dataclass
+class _Norm:
+    weight: Tensor
+    bias: Tensor | None
+    eps: float
+    rms: bool
+
+    @classmethod
+    def of(cls, norm: nn.Module) -> _Norm:
+        bias = getattr(norm, "bias", None)
+        return cls(norm.weight.detach().clone(), None if bias is None else bias.detach().clone(),
+                   norm.eps, isinstance(norm, RMSNorm))
+
+    def __call__(self, x: Tensor) -> Tensor:          # x (B, C)
+        if self.rms:  # as RMSNorm.forward: in float32
+            xf = x.float()
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return y.to(x.dtype) * self.weight
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+@dataclass
+class _Layer:
+    ln_1: _Norm
+    qkv: _Linear
+    proj: _Linear
+    ln_2: _Norm
+    fc: _Linear
+    gate: _Linear | None  # SwiGLU only
+    fc_proj: _Linear
+
+    @classmethod
+    def of(cls, block: Block) -> _Layer:
+        mlp = block.mlp
+        gate = _Linear.of(mlp.c_gate) if mlp.swiglu else None
+        return cls(_Norm.of(block.ln_1), _Linear.of(block.attn.c_attn),
+                   _Linear.of(block.attn.c_proj), _Norm.of(block.ln_2),
+                   _Linear.of(mlp.c_fc), gate, _Linear.of(mlp.c_proj))
+
+
+class Engine:
+    """The weights of a ``GPT`` laid out for one-token decoding steps (see the module doc)."""
+
+    def __init__(self, model: GPT) -> None:
+        if not supports(model):
+            raise TypeError("Engine runs a plain minigpt GPT; this model has replaced modules "
+                            "(LoRA, adapters, int8): merge them first or decode with "
+                            "generate(..., engine=False)")
+        cfg, t = model.config, model.transformer
+        self.config = cfg
+        self.wte = t.wte.weight.detach().clone()                  # (V, C)
+        self.wpe = t.wpe.weight.detach().clone() if "wpe" in t else None  # (block, C)
+        self.layers = [_Layer.of(block) for block in t.h]
+        self.ln_f = _Norm.of(t.ln_f)
+        self.head = _Linear(model.lm_head.weight.detach().t().contiguous(), None)  # (C, V)
+        self.split = (cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
+
+    @torch.no_grad()
+    def step(self, ids: Tensor, cache: KVCache) -> Tensor:
+        """Logits (B, V) for one new token per row, ids (B,), after the tokens in ``cache``.
+
+        Writes the token's keys and values into ``cache`` slot ``cache.length`` of every
+        layer and advances it, exactly as ``GPT.forward(ids[:, None], kv_cache=cache)``.
+        """
+        cache.check_append(ids.size(0), 1)
+        pos = cache.length
+        x = self.wte[ids]                                          # (B, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe[pos]
+        else:
+            at = torch.tensor([pos], device=x.device)
+            rope = rope_cos_sin(at, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = x + self._attend(i, layer, layer.ln_1(x), cache, rope)
+            x = x + layer.fc_proj(self._mlp(layer, layer.ln_2(x)))
+        cache.advance(1)
+        return self.head(self.ln_f(x))                             # (B, V)
+
+    def _attend(self, i: int, layer: _Layer, h: Tensor, cache: KVCache,
+                rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Attention of the new token (B, C) over layer i's cached slots and itself."""
+        B, H, H_kv = h.size(0), self.config.n_head, self.config.kv_heads
+        q, k, v = layer.qkv(h).split(self.split, dim=1)
+        q, k, v = q.view(B, H, 1, -1), k.view(B, H_kv, 1, -1), v.view(B, H_kv, 1, -1)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        keys, values = cache.update(i, k, v)                       # (B, H_kv, S, D)
+        y = torch_attention(q, keys, values, enable_gqa=H_kv != H)  # (B, H, 1, D)
+        return layer.proj(y.reshape(B, -1))
+
+    def _mlp(self, layer: _Layer, h: Tensor) -> Tensor:
+        if layer.gate is not None:
+            return F.silu(layer.gate(h)) * layer.fc(h)
+        return F.gelu(layer.fc(h), approximate=self.config.gelu_approx)
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced or modified in place."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+
+
+def engine_for(model: GPT) -> Engine:
+    """The ``Engine`` of ``model``, built on first use and rebuilt after its weights change."""
+    key = _weights_key(model)
+    cached = _ENGINES.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, Engine(model))
+        _ENGINES[model] = cached
+    return cached[1]
