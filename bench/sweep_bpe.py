@@ -1,7 +1,7 @@
 """Sweep training recipes for Tiny Shakespeare with our own BPE; write the results to a JSON file.
 
-Like ``bench/sweep_char.py`` (whose helpers it uses): each variant is a config file plus
-overrides, trained in its own process with ``python -m minigpt train``. Each row adds the
+Like ``bench/sweep_char.py`` (both run ``bench/sweep.py``'s loop): each variant is a config
+file plus overrides, trained in its own process with ``python -m minigpt train``. Each row adds the
 loss in nats per character (``minigpt.train.nats_per_char``: the whole-split loss per token
 times the validation tokens over the characters they decode to), so variants with different
 vocabularies compare, and compare with the character model. Runs have a fixed number of steps
@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sweep_char  # noqa: E402
+from sweep import ROOT, Variants, add_options, run, run_variants
 
-from minigpt.atomic import atomic_write_text  # noqa: E402
-from minigpt.cli import load_config  # noqa: E402
-from minigpt.data import DataSpec, prepare_data  # noqa: E402
-from minigpt.model import GPT  # noqa: E402
-from minigpt.train import nats_per_char  # noqa: E402
+from minigpt.cli import load_config
+from minigpt.data import DataSpec, prepare_data
+from minigpt.model import GPT
+from minigpt.train import nats_per_char
 
-ROOT = sweep_char.ROOT
 STEPS = 1000  # short runs: 1,000 steps of 2,048 tokens
 BASE = {"max_iters": STEPS, "warmup_iters": 50, "eval_interval": 250, "early_stop_patience": 0,
         "bpe_vocab_size": 512, "block_size": 128, "batch_size": 16, "dropout": 0.0,
@@ -42,7 +37,7 @@ def variant(**changes: object) -> tuple[str, dict]:
 
 
 # name -> (config, overrides): one change at a time from vocab 512, context 128, 4 x 128
-VARIANTS: dict[str, tuple[str, dict]] = {
+VARIANTS: Variants = {
     "vocab 1024": variant(bpe_vocab_size=1024),
     "vocab 768": variant(bpe_vocab_size=768),
     "vocab 512": variant(),
@@ -88,38 +83,20 @@ def add_quiet_estimate(row: dict, config: str, overrides: dict) -> dict:
     return row
 
 
+def finish(name: str, config: str, overrides: dict, row: dict) -> dict:
+    """The BPE sweep's own columns: nats per character, and for the shipped recipe the
+    estimated time on a quiet machine."""
+    row = add_nats_per_char(row, overrides)
+    return add_quiet_estimate(row, config, overrides) if name == "shakespeare_bpe" else row
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/sweeps/shakespeare_bpe.json")
-    parser.add_argument("--only", nargs="*", help="run only these variant names")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
-    parser.add_argument("--keep", default=None, help="keep each run's output under this folder")
-    parser.add_argument("--collect", default=None, metavar="DIR",
-                        help="do not train: record the runs found in DIR/<variant slug>")
+    parser = add_options(argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
+        out="data/sweeps/shakespeare_bpe.json")
     args = parser.parse_args()
-    out = ROOT / args.out
-    for name, (config, overrides) in VARIANTS.items():
-        if args.only and name not in args.only:
-            continue
-        if args.threads is not None:
-            overrides = {**overrides, "num_threads": args.threads}
-        if args.collect:
-            if not Path(args.collect, sweep_char.slug(name)).is_dir():
-                continue
-            row = sweep_char.collect(name, config, overrides,
-                                     Path(args.collect, sweep_char.slug(name)), None)
-        else:
-            row = sweep_char.run(name, config, overrides, args.keep)
-        row = add_nats_per_char(row, overrides)
-        if name == "shakespeare_bpe":
-            row = add_quiet_estimate(row, config, overrides)
-        print(json.dumps(row), flush=True)
-        results = json.loads(out.read_text()) if out.is_file() else []
-        results = [r for r in results if r["name"] != name] + [row]
-        results.sort(key=lambda r: list(VARIANTS).index(r["name"]) if r["name"] in VARIANTS
-                     else len(VARIANTS))
-        atomic_write_text(out, json.dumps(results, indent=1) + "\n")
+    run_variants(VARIANTS, args, lambda name, config, overrides: run(
+        name, config, overrides, args.keep), finish)
 
 
 if __name__ == "__main__":

@@ -19,19 +19,13 @@ Compare wall times only between rows measured on an idle machine (load average <
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from sweep import Variants, add_options, run, run_variants
 
 # name -> (config, overrides). The nanoGPT CPU recipe first, then one change at a time.
-VARIANTS: dict[str, tuple[str, dict]] = {
+VARIANTS: Variants = {
     "nanogpt-cpu (baseline)": ("nanogpt_cpu", {}),
     "lr 3e-3 (= shakespeare_char)": ("nanogpt_cpu", {"lr": 3e-3, "min_lr": 3e-4}),
     "lr 6e-3": ("nanogpt_cpu", {"lr": 6e-3, "min_lr": 6e-4}),
@@ -52,79 +46,28 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
-
-def command(config: str, overrides: dict) -> list[str]:
-    cmd = ["python", "-m", "minigpt", "train", "--config", config]
-    for k, v in overrides.items():
-        cmd += ["--set", f"{k}={json.dumps(v)}"]
-    return cmd
-
-
-def collect(name: str, config: str, overrides: dict, out: Path, load: float | None) -> dict:
-    """The result row of a finished run in ``out``."""
-    final = json.loads(Path(out, "log.jsonl").read_text().splitlines()[-1])["final"]
-    cfg = json.loads(Path(out, "config.json").read_text())["train"]["config"]
-    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum_steps"] * final["iterations"]
-    return {"name": name, "command": shlex.join(command(config, overrides)),
-            "params": final["params"], "steps": final["iterations"], "tokens": tokens,
-            "threads": cfg["num_threads"], "dtype": cfg["dtype"], "load_avg": load,
-            "wall_time_s": round(final["wall_time"], 1),
-            "tokens_per_s": round(final["tokens_per_s"]),
-            "val_loss": round(final["val_loss"], 4)}
-
-
-def run(name: str, config: str, overrides: dict, keep: str | None) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(keep, slug(name)) if keep else Path(tmp)
-        load = round(os.getloadavg()[0], 2)
-        cmd = command(config, overrides)
-        cmd = [sys.executable, *cmd[1:], "--set", f"out_dir={json.dumps(str(out))}",
-               "--set", "progress=false"]
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        return collect(name, config, overrides, out, load)
+def repeated(name: str, config: str, overrides: dict, keep: str | None, repeat: int) -> dict:
+    """Train a variant ``repeat`` times: its row, with every wall time and their median."""
+    rows = [run(name, config, overrides, keep) for _ in range(repeat)]
+    row = rows[0]
+    if any(r["val_loss"] != row["val_loss"] for r in rows):
+        print(f"warning: {name}: val loss differs between repeats", file=sys.stderr)
+    row["wall_times_s"] = [r["wall_time_s"] for r in rows]
+    row["wall_time_s"] = round(statistics.median(row["wall_times_s"]), 1)
+    # a repeat starts right after the previous one, whose own load the average still holds
+    row["load_avg"] = min(r["load_avg"] for r in rows)
+    return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/sweeps/shakespeare_char.json")
-    parser.add_argument("--only", nargs="*", help="run only these variant names")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per run (default: the config's num_threads)")
+    parser = add_options(argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
+        out="data/sweeps/shakespeare_char.json")
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant (median time)")
-    parser.add_argument("--keep", default=None, help="keep each run's output under this folder")
-    parser.add_argument("--collect", default=None, metavar="DIR",
-                        help="do not train: record the runs found in DIR/<variant slug>")
     args = parser.parse_args()
-    out = ROOT / args.out
-    for name, (config, overrides) in VARIANTS.items():
-        if args.only and name not in args.only:
-            continue
-        if args.threads is not None:
-            overrides = {**overrides, "num_threads": args.threads}
-        if args.collect:
-            if not Path(args.collect, slug(name)).is_dir():
-                continue
-            row = collect(name, config, overrides, Path(args.collect, slug(name)), None)
-        else:
-            rows = [run(name, config, overrides, args.keep) for _ in range(args.repeat)]
-            row = rows[0]
-            if any(r["val_loss"] != row["val_loss"] for r in rows):
-                print(f"warning: {name}: val loss differs between repeats", file=sys.stderr)
-            row["wall_times_s"] = [r["wall_time_s"] for r in rows]
-            row["wall_time_s"] = round(statistics.median(row["wall_times_s"]), 1)
-            # a repeat starts right after the previous one, whose own load the average still holds
-            row["load_avg"] = min(r["load_avg"] for r in rows)
-        print(json.dumps(row), flush=True)
-        results = json.loads(out.read_text()) if out.is_file() else []  # parallel sweeps
-        results = [r for r in results if r["name"] != name] + [row]
-        results.sort(key=lambda r: list(VARIANTS).index(r["name"]) if r["name"] in VARIANTS
-                     else len(VARIANTS))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1) + "\n")
+    run_variants(VARIANTS, args, lambda name, config, overrides: repeated(
+        name, config, overrides, args.keep, args.repeat))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 import ast
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,8 @@ from torch import nn
 
 import minigpt
 from minigpt import peft
-from minigpt.checkpoint import export_model, load_model
-from minigpt.cli import main as cli_main
+from minigpt.checkpoint import load_model
+from minigpt.data import gpt2_tokenizer
 from minigpt.finetune import (
     ClassificationConfig,
     GPTClassifier,
@@ -23,7 +22,6 @@ from minigpt.finetune import (
     confusion_matrix,
     deduplicate,
     evaluate_classifier,
-    finetune_main,
     load_base,
     load_sms_spam,
     make_classifier,
@@ -47,13 +45,12 @@ from minigpt.instruct import (
     evaluate_lm,
     format_alpaca,
     format_chat,
-    load_instructions,
     masked_lm_loss,
     run_instruction,
 )
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import lr_at
-from minigpt.tokenizer import CharTokenizer
+from minigpt.pretrained import GPT2_EOT, PretrainedError, save_hf
 from minigpt.tuning import FitConfig, fit
 
 CFG = GPTConfig(vocab_size=64, block_size=32, n_layer=3, n_head=2, n_embd=16)
@@ -300,6 +297,35 @@ def test_always_ham_baseline_and_mean_sd():
     assert summary["head"]["f1"] == (0.4, 0.0)
 
 
+# --------------------------------------------------------------------------------- bases
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
+TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?<|endoftext|>"
+
+
+@pytest.mark.parametrize("name", ["shakespeare-char", "shakespeare-bpe"])
+def test_load_base_of_a_shipped_model_uses_its_tokenizer(name):
+    model, tokenizer, eos = load_base(SHIPPED / name)
+    ours, tok = load_model(SHIPPED / name)
+    assert tokenizer.encode(TEXT[:50]) == tok.encode(TEXT[:50])
+    assert eos == getattr(tok, "special_tokens", {}).get("<|endoftext|>", 0)  # char: 0
+    assert model.state_dict().keys() == ours.state_dict().keys()
+
+
+def test_load_base_of_a_hugging_face_directory_uses_its_tokenizer_files(tmp_path):
+    """A directory written by save_hf from our BPE model brings that BPE, not GPT-2's."""
+    ours, tok = load_model(SHIPPED / "shakespeare-bpe")
+    model, tokenizer, eos = load_base(save_hf(ours, tmp_path / "hf", tok))
+    assert tokenizer.encode(TEXT) == tok.encode(TEXT)
+    assert eos == tok.special_tokens["<|endoftext|>"] != GPT2_EOT
+    assert model.config.vocab_size == tok.vocab_size
+    # without tokenizer files (weights only): GPT-2's tokenizer, as for a hub name
+    _, tokenizer, eos = load_base(save_hf(ours, tmp_path / "bare"))
+    assert tokenizer.encode(TEXT) == gpt2_tokenizer().encode(TEXT) and eos == GPT2_EOT
+    (tmp_path / "hf" / "merges.txt").unlink()  # half a tokenizer is an error, not GPT-2's
+    with pytest.raises(PretrainedError, match="has no merges.txt"):
+        load_base(tmp_path / "hf")
+
+
 # -------------------------------------------------------------------------- instructions
 ENTRY = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
 
@@ -373,75 +399,6 @@ def test_run_instruction_lowers_the_response_loss(base):
     assert result["train_examples"] == 34
 
 
-@pytest.fixture(scope="module")
-def shipped_base(tmp_path_factory):
-    """A tiny exported model whose character tokenizer covers the SMS and instruction data."""
-    corpus = "\n".join(t for t, _ in load_sms_spam()) + json.dumps(load_instructions(),
-                                                                  ensure_ascii=False)
-    tok = CharTokenizer.from_text(corpus)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
-                          n_embd=16))
-    return export_model(model, tok, tmp_path_factory.mktemp("base") / "base"), tok
-
-
-def test_cli_runs_and_records_its_command(shipped_base, tmp_path):
-    base_dir, tok = shipped_base
-    loaded, tokenizer, eos = load_base(base_dir)
-    assert eos == 0 and tokenizer.encode("hi") == tok.encode("hi")
-    out = tmp_path / "spam.json"
-    argv = ["classify", "--base", str(base_dir), "--methods", "head", "lora",
-            "--epochs", "1", "--train-limit", "32", "--test-limit", "64", "--max-len", "16",
-            "--out", str(out)]
-    assert finetune_main(argv) == 0
-    record = json.loads(out.read_text())
-    assert record["command"] == "python -m minigpt.finetune " + " ".join(argv)
-    assert [r["method"] for r in record["results"]] == ["head", "lora"]
-    assert record["results"][0]["trainable_params"] == 16 * 2 + 2
-    assert record["results"][1]["test"]["n"] == record["results"][1]["val"]["n"] == 64
-    assert record["results"][1]["fit"] == {**vars(FitConfig(lr=3e-3)), "betas": [0.9, 0.999]}
-
-
-def test_cli_instruct_clamps_max_len_and_saves_a_loadable_model(shipped_base, tmp_path,
-                                                                 capsys):
-    base_dir, tok = shipped_base
-    saved, out = tmp_path / "sft", tmp_path / "sft.json"
-    # no --max-len: the default (256) is longer than this model's context (64)
-    assert finetune_main(["instruct", "--base", str(base_dir), "--train-limit", "16",
-                          "--template", "chat", "--epochs", "1", "--lr", "1e-2",
-                          "--test-limit", "8", "--lora-rank", "2", "--save", str(saved),
-                          "--out", str(out)]) == 0
-    result = json.loads(out.read_text())["results"][0]
-    assert result["config"]["max_len"] == 64 and result["lora_rank"] == 2
-    assert result["train_examples"] == 16 and result["after"]["loss"] < result["before"]["loss"]
-    model, tokenizer = load_model(saved)  # a plain GPT: LoRA merged into the weights
-    base, _ = load_model(base_dir)
-    assert model.state_dict().keys() == base.state_dict().keys()
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
-    assert changed and all(k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
-                           for k in changed)
-    assert tokenizer.encode("hi") == tok.encode("hi")
-    assert json.loads((saved / "finetune.json").read_text())["results"][0]["lora_rank"] == 2
-    capsys.readouterr()
-    assert cli_main(["sample", "--checkpoint", str(saved), "--prompt", "User: hi",
-                     "--max-new-tokens", "5", "--seed", "0"]) == 0
-    assert capsys.readouterr().out.startswith("User: hi")
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(t for t, _ in load_sms_spam()[:300]), encoding="utf-8")
-    assert cli_main(["eval", "--checkpoint", str(saved), "--dataset", str(text)]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["val_loss"] > 0
-
-
-def test_cli_rejects_bad_requests_in_one_line(shipped_base, tmp_path, capsys):
-    base_dir, _ = shipped_base
-    with pytest.raises(SystemExit) as exit_info:
-        finetune_main(["classify", "--base", str(base_dir), "--save", str(tmp_path / "x")])
-    assert exit_info.value.code == 2 and "--save is for instruct" in capsys.readouterr().err
-    assert finetune_main(["classify", "--base", str(tmp_path / "missing"), "--epochs", "0"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
-
-
 # ------------------------------------------------------------------ the shared fit loop
 class Probe(nn.Module):
     """A Linear (decayed), a LayerNorm (not decayed) and a frozen Linear."""
@@ -513,9 +470,10 @@ def test_remove_lora_leaves_a_plain_model_with_the_same_outputs(base, idx):
 
 
 def test_fine_tuning_modules_import_one_way_at_the_top():
-    """No function imports a module; instruct and tuning never import finetune."""
+    """No function imports a module; instruct and tuning never import finetune; only the
+    command line imports finetune_cli."""
     src = Path(minigpt.__file__).parent
-    for name in ("finetune", "instruct", "peft", "optim", "tuning"):
+    for name in ("finetune", "finetune_cli", "instruct", "peft", "optim", "tuning"):
         tree = ast.parse((src / f"{name}.py").read_text(encoding="utf-8"))
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -524,5 +482,6 @@ def test_fine_tuning_modules_import_one_way_at_the_top():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {f"minigpt.{a.name}" for n in ast.walk(tree)
                      if isinstance(n, ast.ImportFrom) and n.module == "minigpt" for a in n.names}
-        if name != "finetune":
+        if name not in ("finetune", "finetune_cli"):
             assert "minigpt.finetune" not in imported, name
+        assert "minigpt.finetune_cli" not in imported, name

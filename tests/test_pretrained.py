@@ -237,8 +237,10 @@ def test_offline_gives_one_clear_error(how, tmp_path, monkeypatch):
     assert "not in the Hugging Face cache" in str(info.value)
 
 
-def test_offline_loads_from_the_hub_cache(hf_dir, tmp_path, monkeypatch):
-    """A model in the Hugging Face cache loads without a network (cache layout of the hub)."""
+@pytest.fixture
+def cached_gpt2(hf_dir, tmp_path, monkeypatch):
+    """No network, and a Hugging Face cache (``tmp_path``, the hub's layout) whose "gpt2"
+    snapshot holds ``hf_dir``'s weights and config; returns the snapshot folder."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--openai-community--gpt2"
@@ -248,6 +250,11 @@ def test_offline_loads_from_the_hub_cache(hf_dir, tmp_path, monkeypatch):
     snapshot.mkdir(parents=True)
     for name in ("config.json", "model.safetensors"):
         (snapshot / name).write_bytes((hf_dir / name).read_bytes())
+    return snapshot
+
+
+def test_offline_loads_from_the_hub_cache(cached_gpt2, tmp_path):
+    """A model in the Hugging Face cache loads without a network (cache layout of the hub)."""
     model = from_pretrained("gpt2", cache_dir=tmp_path)
     assert model.config.n_layer == 2 and model.config.block_size == 64
 
@@ -288,22 +295,13 @@ def test_load_tokenizer_needs_the_tokenizer_files(hf_dir, tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_offline_download_brings_cached_tokenizer_files(hf_dir, tmp_path, monkeypatch):
+def test_offline_download_brings_cached_tokenizer_files(cached_gpt2, tmp_path):
     """GPT-2 from the hub cache: weights and tokenizer through the same two calls."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "models--openai-community--gpt2"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        (snapshot / name).write_bytes((hf_dir / name).read_bytes())
     directory = pretrained_download("gpt2", cache_dir=tmp_path)
     with pytest.raises(PretrainedError, match="no vocab.json"):
         load_tokenizer(directory)
-    (snapshot / "vocab.json").write_bytes(data_path("gpt2-encoder").read_bytes())
-    (snapshot / "merges.txt").write_bytes(data_path("gpt2-vocab").read_bytes())
+    (cached_gpt2 / "vocab.json").write_bytes(data_path("gpt2-encoder").read_bytes())
+    (cached_gpt2 / "merges.txt").write_bytes(data_path("gpt2-vocab").read_bytes())
     tok = load_tokenizer(pretrained_download("gpt2", cache_dir=tmp_path))
     assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
 

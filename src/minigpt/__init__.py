@@ -10,7 +10,8 @@ modern variants), ``optim`` (AdamW, schedule, clipping, the optimisation step),
 ``generate`` (decoding), ``pretrained`` (GPT-2 weights), ``tuning``/``peft``/``finetune``/
 ``instruct`` (fine-tuning), ``scaling``/``quantize``/``tracking`` (engineering practice),
 ``book`` (helpers for the chapters) and ``cli`` (``python -m minigpt train | sample | eval
-| finetune``, also the ``minigpt`` console script). ``__version__`` is the installed
+| finetune``, also the ``minigpt`` console script; the ``finetune`` command's options and
+runs are ``finetune_cli``). ``__version__`` is the installed
 distribution's version; in a source checkout that is not installed (only on ``sys.path``)
 it is read from the checkout's ``pyproject.toml``, marked ``+source``.
 """

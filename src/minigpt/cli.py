@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 import minigpt
-from minigpt import data, finetune
+from minigpt import data, finetune_cli
 from minigpt.checkpoint import load_model, read_checkpoint
 from minigpt.data import DataError
 from minigpt.ddp import resolve_device
@@ -250,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    return finetune.finetune_command(args, "minigpt " + shlex.join(args.argv))
+    return finetune_cli.finetune_command(args, "minigpt " + shlex.join(args.argv))
 
 
 def count(minimum: int) -> typing.Callable[[str], int]:
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a model. classify: an SMS spam classifier, one "
                        "run per fine-tuning method, compared; instruct: instruction tuning "
                        "(--save writes a model that sample and eval load).")
-    finetune.add_arguments(p)
+    finetune_cli.add_arguments(p)
     p.set_defaults(func=cmd_finetune)
     return parser
 

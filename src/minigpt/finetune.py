@@ -5,8 +5,8 @@ position that, under causal attention, has seen the whole message) and maps it t
 ``run_classification`` fine-tunes it on the SMS Spam Collection (Almeida et al. 2011) with one
 of the methods of ``METHODS``: full fine-tuning, the top blocks only, LoRA, adapters, prompt
 tuning (``minigpt.peft``), or full training from a random initialisation (the baseline that
-shows what pretraining buys). This module also holds the ``python -m minigpt finetune``
-command, which runs classification or instruction tuning (``minigpt.instruct``).
+shows what pretraining buys). ``load_base`` loads the model to start from. The
+``python -m minigpt finetune`` command that drives these runs is ``minigpt.finetune_cli``.
 
 Design choices:
 
@@ -32,19 +32,19 @@ Design choices:
 * Validation lives in the config objects, at the command line and in ``check_*``
   functions; the pieces the book displays (``GPTClassifier``, the metrics) compute, with at
   most one call to such a check.
-* Imports flow one way: this module imports ``instruct`` and ``tuning`` (for the command
-  line), nothing imports it back except ``minigpt.cli``. The command saves an
-  instruction-tuned model (LoRA merged into the weights) as a shipped-model directory that
-  ``sample`` and ``eval`` load.
+* A base model comes with the tokenizer it was trained with: a shipped minigpt directory
+  and a Hugging Face directory that holds ``vocab.json`` and ``merges.txt`` (as ``save_hf``
+  writes) bring their own; a GPT-2 hub name, or a directory without tokenizer files, gets
+  GPT-2's. The end-of-text id (the pad token here) is that tokenizer's ``<|endoftext|>``.
+* Imports flow one way: this module imports ``peft``, ``tuning``, ``checkpoint`` and
+  ``pretrained``; only ``minigpt.finetune_cli`` (the command line) imports it back.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -55,13 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigpt import instruct, peft
-from minigpt.atomic import atomic_write_text
-from minigpt.checkpoint import export_model, load_model
-from minigpt.data import DataError, gpt2_tokenizer
+from minigpt import peft
+from minigpt.checkpoint import load_model
+from minigpt.data import gpt2_tokenizer
 from minigpt.data import path as dataset_path
 from minigpt.model import GPT
-from minigpt.pretrained import PretrainedError, from_pretrained
+from minigpt.pretrained import PretrainedError, from_pretrained, load_tokenizer
 from minigpt.tuning import FitConfig, fit
 
 Example = tuple[str, int]  # (text, label)
@@ -390,13 +389,15 @@ def summarize_runs(rows: Sequence[dict], split: str = "test",
     return out
 
 
-# ------------------------------------------------------------------- bases and the CLI
+# ----------------------------------------------------------------------------------- bases
 def load_base(spec: str | Path) -> tuple[GPT, object, int]:
-    """``(model, tokenizer, eos_id)`` for a shipped minigpt model directory or a GPT-2 name.
+    """``(model, tokenizer, eos_id)`` for a model directory or a GPT-2 name.
 
-    A directory written by ``minigpt.checkpoint.export_model`` brings its own tokenizer (its
-    ``<|endoftext|>`` id is the end/pad token); anything else goes to
-    ``minigpt.pretrained.from_pretrained`` with GPT-2's tokenizer (end of text = 50256).
+    A directory written by ``minigpt.checkpoint.export_model`` brings its own tokenizer;
+    anything else goes to ``minigpt.pretrained.from_pretrained``, with the tokenizer of the
+    directory's ``vocab.json`` and ``merges.txt`` (``minigpt.pretrained.load_tokenizer``)
+    when it has them and GPT-2's otherwise. ``eos_id`` is the tokenizer's ``<|endoftext|>``
+    (the end/pad token; 0 if it has none).
     """
     config = Path(spec) / "config.json"
     try:
@@ -406,159 +407,14 @@ def load_base(spec: str | Path) -> tuple[GPT, object, int]:
                               "written by export_model, save_hf or save_pretrained") from None
     if isinstance(info, dict) and "tokenizer" in info:
         model, tokenizer = load_model(spec)
-        specials = getattr(tokenizer, "special_tokens", {})
-        return model, tokenizer, specials.get("<|endoftext|>", 0)
-    model = from_pretrained(spec)
-    tokenizer = gpt2_tokenizer()
-    return model, tokenizer, tokenizer.special_tokens["<|endoftext|>"]
-
-
-def save_finetuned(model: GPT, tokenizer, out_dir: str | Path, record: dict) -> Path:
-    """Write ``model`` (LoRA merged in, if it has any) as a shipped-model directory that
-    ``checkpoint.load_model``, ``sample`` and ``eval`` read; ``record`` goes to
-    ``finetune.json`` beside it."""
-    if any(isinstance(m, peft.LoRALinear) for m in model.modules()):
-        model = peft.remove_lora(copy.deepcopy(model))
-    out = export_model(model, tokenizer, out_dir)
-    atomic_write_text(out / "finetune.json", json.dumps(record, indent=1) + "\n")
-    return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``minigpt finetune`` to ``parser`` (and return it)."""
-    parser.add_argument("task", choices=["classify", "instruct"],
-                        help="classify: SMS spam, one run per method; instruct: instruction "
-                        "tuning")
-    parser.add_argument("--base", required=True, default=argparse.SUPPRESS,
-                        help="the model to start from: a shipped minigpt model directory, a "
-                        "GPT-2 name (gpt2, gpt2-medium, ...; downloaded once, then cached) or "
-                        "a Hugging Face GPT-2 directory")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                        metavar="METHOD", help="classify: fine-tuning methods to compare, of "
-                        + ", ".join(METHODS))
-    parser.add_argument("--template", default="alpaca", choices=list(instruct.TEMPLATES),
-                        help="instruct: the prompt template")
-    parser.add_argument("--lora-rank", type=int, default=0,
-                        help="instruct: LoRA of this rank on every projection instead of full "
-                        "fine-tuning (0: full)")
-    parser.add_argument("--epochs", type=int, default=2, help="passes over the training set")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (None: per method for classify, 1e-4 for "
-                        "instruct)")
-    parser.add_argument("--max-len", type=int, default=None,
-                        help="tokens per example, at most the context (None: 64 for classify, "
-                        "256 for instruct)")
-    parser.add_argument("--train-limit", type=int, default=None,
-                        help="train on at most this many examples (None: all)")
-    parser.add_argument("--test-limit", type=int, default=None,
-                        help="evaluate on at most this many validation / test examples "
-                        "(None: all)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the run")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write the results as JSON to this file (None: do not)")
-    parser.add_argument("--save", type=Path, default=None,
-                        help="instruct: save the tuned model (LoRA merged) to this directory "
-                        "(None: do not)")
-    return parser
-
-
-def check_request(args: argparse.Namespace) -> None:
-    """Option combinations argparse cannot check; a ``ValueError`` says what to change."""
-    if args.save is not None and args.task != "instruct":
-        raise ValueError("--save is for instruct: a classifier is not a language model that "
-                         "sample and eval can run")
-    for name in ("lora_rank", "threads"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
-                             f"{getattr(args, name)}")
-    for name in ("train_limit", "test_limit"):  # the rest: checked by the task's config
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
-                             f"{getattr(args, name)}")
-
-
-def task_configs(args: argparse.Namespace) -> list:
-    """The run configs the command line asks for (checked when built, before any loading):
-    one ``ClassificationConfig`` per method, or one ``instruct.InstructionConfig``."""
-    if args.task == "instruct":
-        return [instruct.InstructionConfig(args.template, args.epochs, args.batch_size,
-                                           args.lr or 1e-4, args.max_len or 256,
-                                           args.train_limit, args.test_limit, seed=args.seed)]
-    return [ClassificationConfig(method, args.epochs, args.batch_size, args.lr,
-                                 args.max_len or 64, args.train_limit, args.test_limit,
-                                 args.test_limit, seed=args.seed) for method in args.methods]
-
-
-def classify_command(configs: list, base: GPT, tokenizer, eos_id: int) -> list:
-    """Run ``classify`` for every method's config; print one line per method."""
-    rows = []
-    for cfg in configs:
-        row = run_classification(base, tokenizer.encode, eos_id, cfg, progress=True)
-        rows.append(row)
-        t = row["test"]
-        print(f"{cfg.method:12s} trainable {row['trainable_params']:>10,d}  "
-              f"test acc {t['accuracy']:.3f}  F1 {t['f1']:.3f}  {row['train_seconds']:.0f}s")
-    return rows
-
-
-def instruct_command(cfg: instruct.InstructionConfig, lora_rank: int, base: GPT, tokenizer,
-                     eos_id: int) -> list:
-    """Run ``instruct`` (full fine-tuning, or LoRA of rank ``lora_rank``) on ``base`` in place."""
-    if lora_rank:
-        torch.manual_seed(cfg.seed)
-        peft.add_lora(base, lora_rank, 2.0 * lora_rank, MethodConfig().lora_targets)
-    row = instruct.run_instruction(base, tokenizer.encode, eos_id, cfg, progress=True,
-                                   decode=tokenizer.decode)
-    row["lora_rank"] = lora_rank
-    before, after = row["before"], row["after"]
-    print(f"test response loss {before['loss']:.3f} -> {after['loss']:.3f}; ROUGE-L of "
-          f"greedy answers {before['answers']['rouge_l']:.3f} -> "
-          f"{after['answers']['rouge_l']:.3f}")
-    return [row]
-
-
-def finetune_command(args: argparse.Namespace, command: str) -> int:
-    """Run ``classify`` or ``instruct`` as ``args`` say; print, save JSON (and the model, for
-    instruct with ``--save``). Bad requests, bases and data raise one-line errors."""
-    check_request(args)
-    configs = task_configs(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base, tokenizer, eos_id = load_base(args.base)
-    if args.task == "classify":
-        rows = classify_command(configs, base, tokenizer, eos_id)
     else:
-        rows = instruct_command(configs[0], args.lora_rank, base, tokenizer, eos_id)
-    record = {"command": command, "task": args.task, "base": str(args.base),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "results": rows}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
-    if args.save is not None:
-        print(f"model saved to {save_finetuned(base, tokenizer, args.save, record)}")
-    return 0
+        model = from_pretrained(spec)
+        own = any((Path(spec) / name).is_file() for name in ("vocab.json", "merges.txt"))
+        tokenizer = load_tokenizer(spec) if own else gpt2_tokenizer()
+    return model, tokenizer, getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>", 0)
 
 
-def finetune_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m minigpt.finetune classify|instruct ...`` (as ``minigpt finetune``).
-    A bad request prints one line and returns (or exits with) status 2."""
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="python -m minigpt.finetune", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    args = parser.parse_args(argv)
-    try:
-        check_request(args)
-    except ValueError as e:
-        parser.error(str(e))
-    command = "python -m minigpt.finetune " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        return finetune_command(args, command)
-    except (ValueError, DataError, OSError) as e:  # bad value, unreadable base, disk
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(finetune_main())
+if __name__ == "__main__":  # the command line of this module is ``minigpt finetune``
+    print("error: run `python -m minigpt finetune ...` (or `minigpt finetune ...`); "
+          "see `python -m minigpt finetune --help`", file=sys.stderr)
+    raise SystemExit(2)

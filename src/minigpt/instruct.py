@@ -21,8 +21,8 @@ Design choices:
   longest common word subsequence, F1 of its precision and recall) and exact match, both on
   lower-cased words. Both are implemented here in a few lines and tested.
 * Training is ``minigpt.tuning.fit``: the optimisation step of pretraining, with its schedule,
-  decay groups and clipping. This module does not import ``minigpt.finetune`` (which imports
-  this one for its command line).
+  decay groups and clipping. This module does not import ``minigpt.finetune`` or
+  ``minigpt.finetune_cli`` (which imports this one for its command line).
 """
 
 from __future__ import annotations
