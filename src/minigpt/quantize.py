@@ -166,7 +166,9 @@ def decode_speed(
     ``ms_per_token`` (wall time per decoding step: the latency one user sees per token),
     with the spread of the repeats as ``ms_per_token_min`` and ``ms_per_token_max``.
     The prompts' prefill is included; keep ``prompt_len`` small against ``new_tokens``.
-    ``clock`` reads the time in seconds.
+    ``clock`` reads the time in seconds. Every model decodes through its modules
+    (``engine=False``): int8 layers have no engine path, and comparing a float model on the
+    engine with an int8 one on the modules would mix two effects.
     """
     cfg = model.config
     if min(batch_size, new_tokens, prompt_len, repeats) < 1:
@@ -176,11 +178,11 @@ def decode_speed(
                          f"block_size={cfg.block_size}; decode fewer tokens")
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(cfg.vocab_size, (batch_size, prompt_len), generator=gen)
-    generate(model, prompts, 2, temperature=0.0)  # warm-up (kernels, allocator)
+    generate(model, prompts, 2, temperature=0.0, engine=False)  # warm-up (kernels, allocator)
     times = []
     for _ in range(repeats):
         start = clock()
-        generate(model, prompts, new_tokens, temperature=0.0, use_cache=True)
+        generate(model, prompts, new_tokens, temperature=0.0, use_cache=True, engine=False)
         times.append(clock() - start)
     mid = statistics.median(times)
     return {"batch_size": batch_size, "repeats": repeats,
