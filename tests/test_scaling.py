@@ -164,6 +164,24 @@ def test_fit_isoflop_rejects_a_profile_without_a_minimum():
         fit_isoflop(n, 0.3 * np.log(n) ** 2, flops=-1.0)
 
 
+def test_fit_isoflop_with_neighbours_fits_only_around_the_best_size():
+    """Near its minimum the profile is a parabola; far from it, it rises linearly. Fitting
+    every point pulls the vertex away; fitting the best size and its neighbours does not."""
+    from minigpt.scaling import fit_isoflop
+
+    x = np.log(np.geomspace(1e3, 1e6, 11)) - math.log(2e4)
+    loss = 2.0 + np.where(np.abs(x) < 2, 0.3 * x**2, 1.2 * np.abs(x) - 1.2)
+    shuffled = np.random.default_rng(0).permutation(len(x))  # any order of the runs
+    n = np.exp(x + math.log(2e4))[shuffled]
+    local = fit_isoflop(n, loss[shuffled], flops=1e12, neighbours=2)
+    assert local.n_opt == pytest.approx(2e4, rel=1e-6)
+    assert fit_isoflop(n, loss[shuffled], flops=1e12).n_opt != pytest.approx(2e4, rel=0.05)
+    with pytest.raises(ValueError, match="too few neighbours"):
+        fit_isoflop([1e4, 2e4, 4e4, 8e4], [2.0, 2.1, 2.3, 2.6], flops=1e12, neighbours=1)
+    with pytest.raises(ValueError, match="neighbours must be"):
+        fit_isoflop(n, loss, flops=1e12, neighbours=0)
+
+
 def test_fit_power_recovers_the_exponent_of_optima_against_compute():
     from minigpt.scaling import fit_power
 

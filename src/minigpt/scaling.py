@@ -339,11 +339,27 @@ class IsoFLOPFit:
         return self.c2 * x**2 + self.c1 * x + self.c0
 
 
-def fit_isoflop(n: Sequence[float], loss: Sequence[float], flops: float) -> IsoFLOPFit:
+def fit_isoflop(n: Sequence[float], loss: Sequence[float], flops: float,
+                neighbours: int | None = None) -> IsoFLOPFit:
     """Least-squares parabola in ln N through the final losses of models of sizes ``n``,
-    each trained with the same compute ``flops``; its minimum is the best size N*(C)."""
+    each trained with the same compute ``flops``; its minimum is the best size N*(C).
+
+    A parabola describes a profile only near its minimum: with ``neighbours=k`` the fit uses
+    the best run and up to k sizes on each side of it (None: every run).
+    """
     n_arr, l_arr = _positive_pairs(n, loss, minimum=3)
     _check_positive(flops=flops)
+    if neighbours is not None:
+        if neighbours < 1:
+            raise ValueError(f"neighbours must be >= 1 (or None), got {neighbours}")
+        order = np.argsort(n_arr)
+        n_arr, l_arr = n_arr[order], l_arr[order]
+        best = int(np.argmin(l_arr))
+        keep = slice(max(0, best - neighbours), best + neighbours + 1)
+        n_arr, l_arr = n_arr[keep], l_arr[keep]
+        if len(np.unique(n_arr)) < 3:
+            raise ValueError(f"the best size at C={flops:.3g} has too few neighbours for a "
+                             "parabola: add sizes on both sides of it")
     c2, c1, c0 = np.polyfit(np.log(n_arr), l_arr, 2)
     if c2 <= 0:
         raise ValueError(f"the losses at C={flops:.3g} do not curve upwards in ln N, so they "
