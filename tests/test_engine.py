@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minigpt.attention import KVCache
-from minigpt.engine import Engine, supports
+from minigpt.engine import TRANSPOSE_MIN_STEPS, Engine, supports
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
 from minigpt.peft import add_adapters, add_lora
@@ -23,10 +23,11 @@ def _model(seed=0, **kw):
                          **kw)).eval()
 
 
+@pytest.mark.parametrize("transposed", [True, False])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_step_matches_forward_with_the_same_cache(variant):
+def test_step_matches_forward_with_the_same_cache(variant, transposed):
     model = _model(**VARIANTS[variant])
-    engine = Engine(model)
+    engine = Engine(model, transposed=transposed)
     idx = torch.randint(97, (3, 12), generator=torch.Generator().manual_seed(1))
     ours, theirs = KVCache(model.config, 3, 32), KVCache(model.config, 3, 32)
     with torch.no_grad():
@@ -40,26 +41,27 @@ def test_step_matches_forward_with_the_same_cache(variant):
     assert torch.allclose(ours.k[:, :, :, :12], theirs.k[:, :, :, :12], atol=1e-6)
 
 
+@pytest.mark.parametrize("new_tokens", [40, TRANSPOSE_MIN_STEPS])  # without, with the copy
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("opts", [{"temperature": 0}, {"seed": 3, "top_p": 0.9},
                                   {"num_beams": 3}, {"temperature": 0, "window_shift": 5}])
-def test_generate_gives_the_same_tokens_with_and_without_the_engine(variant, opts):
-    model = _model(**VARIANTS[variant])  # 40 new tokens > block_size 32: the window slides
+def test_generate_gives_the_same_tokens_with_and_without_the_engine(variant, opts, new_tokens):
+    model = _model(**VARIANTS[variant])  # more new tokens than block_size 32: the window slides
     prompts = [1, 2, 3] if "num_beams" in opts else [[1, 2, 3], [4, 5, 6]]
-    assert generate(model, prompts, 40, **opts) == generate(model, prompts, 40, engine=False,
-                                                            **opts)
+    assert generate(model, prompts, new_tokens, **opts) == generate(
+        model, prompts, new_tokens, engine=False, **opts)
 
 
 def test_generate_sees_weights_changed_by_a_fused_optimiser_step():
     """Fused AdamW updates weights without bumping their version counters: an engine cached
     across calls would decode with the old weights."""
-    model = _model()
-    before = generate(model, [1, 2, 3], 10, temperature=0)
+    model, n = _model(), TRANSPOSE_MIN_STEPS  # long enough for the transposed copy
+    before = generate(model, [1, 2, 3], n, temperature=0)
     opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
     model(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[2, 3, 4, 5]]))[1].backward()
     opt.step()
-    after = generate(model.eval(), [1, 2, 3], 10, temperature=0)
-    assert after == generate(model, [1, 2, 3], 10, temperature=0, engine=False)
+    after = generate(model.eval(), [1, 2, 3], n, temperature=0)
+    assert after == generate(model, [1, 2, 3], n, temperature=0, engine=False)
     assert after != before
 
 

@@ -5,23 +5,23 @@ per weight matrix plus attention over the cached keys. ``GPT.forward`` spends mo
 small model's step in Python (about fifty module calls per token, input checks, masks);
 for a large one the products dominate. Design choices:
 
-- ``Engine(model)`` copies the weights of a ``GPT`` once, each Linear weight transposed
-  from (out, in) to a contiguous (in, out): ``x @ W`` then streams W row by row, which
-  the CPU's matrix-vector kernel reads faster than ``F.linear``'s layout (GPT-2's
-  50257 x 768 output layer: 1.6-1.7x on the AMD EPYC we measured; ``bench/
-  generate_speed.py``). The price is a second copy of the matrices in memory.
-- ``step(ids, cache)`` is plain tensor functions over those copies and the same
+- ``step(ids, cache)`` is plain tensor functions over the model's weights and the same
   ``KVCache`` the model fills in the prefill: the new token attends to every cached slot,
   so no mask is needed. Its logits equal ``GPT.forward``'s to float rounding (tested).
+- ``transposed=True`` first copies each Linear weight from (out, in) to a contiguous
+  (in, out): ``x @ W`` then streams W row by row, which the matrix-vector kernel of the CPU
+  we measured reads faster than ``F.linear``'s layout (GPT-2's 50257 x 768 output layer:
+  1.6-1.7x, AMD EPYC; ``bench/generate_speed.py``). The copy costs memory (the matrices
+  again) and time (for GPT-2 small about what 60 decoding steps save), so ``generate``
+  asks for it only when it decodes at least ``TRANSPOSE_MIN_STEPS`` steps; otherwise the
+  engine computes with the model's own tensors and copies nothing.
 - Every ``GPTConfig`` variant is supported (LayerNorm/RMSNorm, GELU/SwiGLU, learned/rotary
   positions, grouped-query attention). A model whose modules were replaced (LoRA,
   adapters, int8) is not: ``supports(model)`` says so and ``generate`` keeps the module
   path.
-- ``generate`` builds a fresh engine per call and drops it at the end, so the copy can never
+- ``generate`` builds a fresh engine per call and drops it at the end, so a copy can never
   go stale (a fused optimiser step changes weights without bumping their version counters,
-  so no cheap test can tell a cached copy is out of date), and the second copy of the
-  weights lives only while decoding (for GPT-2 small, building it costs about as much as one
-  decoded token).
+  so no cheap test could tell that a kept copy is out of date).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from torch import Tensor, nn
 from minigpt.attention import KVCache, apply_rope, rope_cos_sin, torch_attention
 from minigpt.model import GPT, MLP, Block, CausalSelfAttention, RMSNorm
 
-__all__ = ["Engine", "supports"]
+__all__ = ["TRANSPOSE_MIN_STEPS", "Engine", "supports"]
+
+TRANSPOSE_MIN_STEPS = 64  # decoding steps from which the transposed copy pays (GPT-2 small)
 
 _KNOWN = (GPT, Block, CausalSelfAttention, MLP, nn.Linear, nn.LayerNorm, RMSNorm,
           nn.Embedding, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Dropout)
@@ -48,15 +50,19 @@ def supports(model: nn.Module) -> bool:
 
 @dataclass
 class _Linear:
-    w: Tensor  # (in, out), contiguous
+    w: Tensor  # (in, out) contiguous if transposed, else the layer's own (out, in)
     b: Tensor | None
+    transposed: bool
 
     @classmethod
-    def of(cls, layer: nn.Linear) -> _Linear:
-        b = None if layer.bias is None else layer.bias.detach().clone()
-        return cls(layer.weight.detach().t().contiguous(), b)
+    def of(cls, weight: Tensor, bias: Tensor | None, transposed: bool) -> _Linear:
+        w = weight.detach()
+        b = None if bias is None else bias.detach()
+        return cls(w.t().contiguous() if transposed else w, b, transposed)
 
     def __call__(self, x: Tensor) -> Tensor:          # x (B, in) -> (B, out)
+        if not self.transposed:
+            return F.linear(x, self.w, self.b)
         return x @ self.w if self.b is None else torch.addmm(self.b, x, self.w)
 
 
@@ -70,8 +76,8 @@ class _Norm:
     @classmethod
     def of(cls, norm: nn.Module) -> _Norm:
         bias = getattr(norm, "bias", None)
-        return cls(norm.weight.detach().clone(), None if bias is None else bias.detach().clone(),
-                   norm.eps, isinstance(norm, RMSNorm))
+        return cls(norm.weight.detach(), None if bias is None else bias.detach(), norm.eps,
+                   isinstance(norm, RMSNorm))
 
     def __call__(self, x: Tensor) -> Tensor:          # x (B, C)
         if self.rms:  # as RMSNorm.forward: in float32
@@ -92,29 +98,31 @@ class _Layer:
     fc_proj: _Linear
 
     @classmethod
-    def of(cls, block: Block) -> _Layer:
+    def of(cls, block: Block, transposed: bool) -> _Layer:
+        def linear(layer: nn.Linear) -> _Linear:
+            return _Linear.of(layer.weight, layer.bias, transposed)
+
         mlp = block.mlp
-        gate = _Linear.of(mlp.c_gate) if mlp.swiglu else None
-        return cls(_Norm.of(block.ln_1), _Linear.of(block.attn.c_attn),
-                   _Linear.of(block.attn.c_proj), _Norm.of(block.ln_2),
-                   _Linear.of(mlp.c_fc), gate, _Linear.of(mlp.c_proj))
+        gate = linear(mlp.c_gate) if mlp.swiglu else None
+        return cls(_Norm.of(block.ln_1), linear(block.attn.c_attn), linear(block.attn.c_proj),
+                   _Norm.of(block.ln_2), linear(mlp.c_fc), gate, linear(mlp.c_proj))
 
 
 class Engine:
     """The weights of a ``GPT`` laid out for one-token decoding steps (see the module doc)."""
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, transposed: bool = True) -> None:
         if not supports(model):
             raise TypeError("Engine runs a plain minigpt GPT; this model has replaced modules "
                             "(LoRA, adapters, int8): merge them first or decode with "
                             "generate(..., engine=False)")
         cfg, t = model.config, model.transformer
         self.config = cfg
-        self.wte = t.wte.weight.detach().clone()                  # (V, C)
-        self.wpe = t.wpe.weight.detach().clone() if "wpe" in t else None  # (block, C)
-        self.layers = [_Layer.of(block) for block in t.h]
+        self.wte = t.wte.weight.detach()                          # (V, C)
+        self.wpe = t.wpe.weight.detach() if "wpe" in t else None  # (block, C)
+        self.layers = [_Layer.of(block, transposed) for block in t.h]
         self.ln_f = _Norm.of(t.ln_f)
-        self.head = _Linear(model.lm_head.weight.detach().t().contiguous(), None)  # (C, V)
+        self.head = _Linear.of(model.lm_head.weight, None, transposed)  # C -> V
         self.split = (cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor
 
-from minigpt.engine import Engine, supports
+from minigpt.engine import TRANSPOSE_MIN_STEPS, Engine, supports
 from minigpt.model import GPT, KVCache
 
 __all__ = [
@@ -280,7 +280,7 @@ class SlidingWindow:
             max_len = min(self.block, P + max_new)
             self.cache = KVCache(cfg, B, max_len, device=w.device, dtype=w.dtype)
             if opts.engine and supports(model) and not model.training:
-                self.engine = Engine(model)  # a fresh copy of the weights
+                self.engine = Engine(model, transposed=max_new >= TRANSPOSE_MIN_STEPS)
 
     @torch.no_grad()
     def next_logits(self) -> Tensor:
