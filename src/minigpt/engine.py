@@ -127,7 +127,7 @@ class Engine:
 
     @torch.no_grad()
     def step(self, ids: Tensor, cache: KVCache) -> Tensor:
-        """Logits (B, V) for one new token per row, ids (B,), after the tokens in ``cache``.
+        """Logits (B, V) for one new token per row, ids (B,), after those in ``cache``.
 
         Writes the token's keys and values into ``cache`` slot ``cache.length`` of every
         layer and advances it, exactly as ``GPT.forward(ids[:, None], kv_cache=cache)``.
@@ -140,7 +140,8 @@ class Engine:
             x = x + self.wpe[pos]
         else:
             at = torch.tensor([pos], device=x.device)
-            rope = rope_cos_sin(at, self.config.head_dim, self.config.rope_theta, x.dtype)
+            cfg = self.config
+            rope = rope_cos_sin(at, cfg.head_dim, cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             x = x + self._attend(i, layer, layer.ln_1(x), cache, rope)
             x = x + layer.fc_proj(self._mlp(layer, layer.ln_2(x)))
