@@ -26,6 +26,7 @@ for a large one the products dominate. Design choices:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,33 +67,15 @@ class _Linear:
         return x @ self.w if self.b is None else torch.addmm(self.b, x, self.w)
 
 
-@dataclass
-class _Norm:
-    weight: Tensor
-    bias: Tensor | None
-    eps: float
-    rms: bool
-
-    @classmethod
-    def of(cls, norm: nn.Module) -> _Norm:
-        bias = getattr(norm, "bias", None)
-        return cls(norm.weight.detach(), None if bias is None else bias.detach(), norm.eps,
-                   isinstance(norm, RMSNorm))
-
-    def __call__(self, x: Tensor) -> Tensor:          # x (B, C)
-        if self.rms:  # as RMSNorm.forward: in float32
-            xf = x.float()
-            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return y.to(x.dtype) * self.weight
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+Norm = Callable[[Tensor], Tensor]  # a norm module's own forward: its math, no call overhead
 
 
 @dataclass
 class _Layer:
-    ln_1: _Norm
+    ln_1: Norm
     qkv: _Linear
     proj: _Linear
-    ln_2: _Norm
+    ln_2: Norm
     fc: _Linear
     gate: _Linear | None  # SwiGLU only
     fc_proj: _Linear
@@ -104,8 +87,8 @@ class _Layer:
 
         mlp = block.mlp
         gate = linear(mlp.c_gate) if mlp.swiglu else None
-        return cls(_Norm.of(block.ln_1), linear(block.attn.c_attn), linear(block.attn.c_proj),
-                   _Norm.of(block.ln_2), linear(mlp.c_fc), gate, linear(mlp.c_proj))
+        return cls(block.ln_1.forward, linear(block.attn.c_attn), linear(block.attn.c_proj),
+                   block.ln_2.forward, linear(mlp.c_fc), gate, linear(mlp.c_proj))
 
 
 class Engine:
@@ -121,9 +104,9 @@ class Engine:
         self.wte = t.wte.weight.detach()                          # (V, C)
         self.wpe = t.wpe.weight.detach() if "wpe" in t else None  # (block, C)
         self.layers = [_Layer.of(block, transposed) for block in t.h]
-        self.ln_f = _Norm.of(t.ln_f)
+        self.ln_f = t.ln_f.forward
         self.head = _Linear.of(model.lm_head.weight, None, transposed)  # C -> V
-        self.split = (cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
+        self.split = t.h[0].attn.split_sizes                       # C, C_kv, C_kv
 
     @torch.no_grad()
     def step(self, ids: Tensor, cache: KVCache) -> Tensor:
