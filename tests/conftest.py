@@ -7,6 +7,7 @@ skips the notebooks (nbval) and the tests marked ``slow`` (subprocesses, DDP, re
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -23,6 +24,26 @@ WORDS = (
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a test that takes seconds (skip with -m 'not slow')")
+    _share_cores()
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's default): one worker per core, at most 4 (a notebook needs
+    about 1 GB, and more workers than notebooks only wait)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def _share_cores() -> None:
+    """Under pytest-xdist, split the cores between the workers: each worker's torch, and the
+    notebook kernels it starts (they inherit ``OMP_NUM_THREADS``), get cores / workers
+    threads, so that workers do not oversubscribe the machine (which slows OpenMP down
+    several-fold). Results do not depend on the thread count (README)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 @pytest.hookimpl(tryfirst=True)
