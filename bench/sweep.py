@@ -5,7 +5,9 @@ Shared by ``bench/sweep_char.py`` and ``bench/sweep_bpe.py`` (run from the repos
 overrides; ``run_variants`` trains the selected ones (or, with ``--collect DIR``, reads runs
 made earlier with ``--keep DIR``), prints each row as a JSON line and merges it into the
 output file, replacing an older row of the same name and keeping the variants' order (so
-sweeps run in parallel processes can share one file).
+sweeps run in parallel processes can share one file). Before each run the sweep waits for
+the 1-minute load average to fall below 1 (at most 3 minutes), so that the load it records
+is other processes', not the previous run's; a row also records the CPU and the date.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+from machine import cpu_model
 
 from minigpt.atomic import atomic_write_text
 
@@ -50,16 +55,26 @@ def collect(name: str, config: str, overrides: dict, out: Path, load: float | No
             "val_loss": round(final["val_loss"], 4)}
 
 
+def settle(quiet: float = 1.0, limit_s: float = 180.0) -> float:
+    """Wait (at most ``limit_s``) until the 1-minute load average is below ``quiet``, so
+    that it no longer holds the previous run of the sweep; return the load average then."""
+    start = time.monotonic()
+    while os.getloadavg()[0] >= quiet and time.monotonic() - start < limit_s:
+        time.sleep(5)
+    return round(os.getloadavg()[0], 2)
+
+
 def run(name: str, config: str, overrides: dict, keep: str | None) -> dict:
     """Train one variant in its own process (output in ``keep/<slug>`` or a temporary folder)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(keep, slug(name)) if keep else Path(tmp)
-        load = round(os.getloadavg()[0], 2)
+        load = settle()
         cmd = command(config, overrides)
         cmd = [sys.executable, *cmd[1:], "--set", f"out_dir={json.dumps(str(out))}",
                "--set", "progress=false"]
         subprocess.run(cmd, check=True, cwd=ROOT)
-        return collect(name, config, overrides, out, load)
+        return {**collect(name, config, overrides, out, load), "cpu": cpu_model(),
+                "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 def add_options(parser: argparse.ArgumentParser, out: str) -> argparse.ArgumentParser:

@@ -27,7 +27,10 @@ from sweep import Variants, add_options, run, run_variants
 # name -> (config, overrides). The nanoGPT CPU recipe first, then one change at a time.
 VARIANTS: Variants = {
     "nanogpt-cpu (baseline)": ("nanogpt_cpu", {}),
-    "lr 3e-3 (= shakespeare_char)": ("nanogpt_cpu", {"lr": 3e-3, "min_lr": 3e-4}),
+    "lr 3e-3": ("nanogpt_cpu", {"lr": 3e-3, "min_lr": 3e-4}),
+    "lr 3e-3, no biases, exact GELU": ("nanogpt_cpu", {
+        "lr": 3e-3, "min_lr": 3e-4, "bias": False, "model": {"gelu_approx": "none"}}),
+    "+ RoPE (= shakespeare_char)": ("shakespeare_char", {}),
     "lr 6e-3": ("nanogpt_cpu", {"lr": 6e-3, "min_lr": 6e-4}),
     "ctx 128, batch 6, lr 4e-3": ("nanogpt_cpu", {"block_size": 128, "batch_size": 6,
                                                  "lr": 4e-3, "min_lr": 4e-4}),

@@ -16,8 +16,9 @@ the median quoted:
 - ``step``: one GPT-2-small (124M) training step, 1 x 1,024 tokens, forward + backward +
   clipping + AdamW, in one process for both models (median over steps, pairs alternated).
 
-The result goes to ``data/bench/vs_nanogpt.json`` with the CPU model, core count, torch version
-and the load average before each run. Time only on an idle machine.
+The result goes to ``data/bench/vs_nanogpt.json``; each comparison records the CPU model, core
+count and torch version it ran on, and the load average before each run (``--only`` replaces
+one comparison and keeps the other). Time only on an idle machine.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine
 
 from minigpt.atomic import atomic_write_text
 from minigpt.cli import load_config
@@ -50,21 +51,6 @@ NANOGPT_CPU_ARGS = [  # nanoGPT's README, "I only have a macbook" (CPU)
     "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
     "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0",
 ]
-
-
-def cpu_model() -> str:
-    """The ``Model name`` line of lscpu (the machine's CPU changes from day to day)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    names = [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")]
-    return names[0] if names else "unknown"
-
-
-def machine() -> dict:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version()}
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> dict:
@@ -98,7 +84,7 @@ def nanogpt_val_loss(ckpt: Path, val_ids) -> float:
     a = state["model_args"]
     model = GPT(GPTConfig(vocab_size=a["vocab_size"], block_size=a["block_size"],
                           n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"],
-                          dropout=0.0, bias=a["bias"]))
+                          dropout=0.0, bias=a["bias"], gelu_approx="none"))  # nn.GELU()
     weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
     model.load_state_dict(weights)
     return estimate_loss(model, val_ids, a["block_size"])
@@ -181,11 +167,14 @@ def main() -> None:
     if not (args.nanogpt / "train.py").is_file():
         sys.exit(f"{args.nanogpt} is not a nanoGPT checkout (no train.py); "
                  "git clone https://github.com/karpathy/nanoGPT")
-    result = {"machine": machine()}
+    # --only re-measures one comparison and keeps the other one already in the file
+    result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    result.pop("machine", None)  # files before each comparison recorded its own machine
     if args.only in (None, "train"):
-        result["train"] = compare_training(args.nanogpt, args.pairs, args.config)
+        result["train"] = {"machine": machine(),
+                           **compare_training(args.nanogpt, args.pairs, args.config)}
     if args.only in (None, "step"):
-        result["step"] = compare_step(args.nanogpt, args.pairs)
+        result["step"] = {"machine": machine(), **compare_step(args.nanogpt, args.pairs)}
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

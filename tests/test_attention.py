@@ -98,6 +98,22 @@ def test_rope_equals_complex_rotation():
     torch.testing.assert_close(ours, expected.reshape(2, 3, T, D))
 
 
+def test_rope_rotates_strided_views_and_low_precision_like_the_pair_formula():
+    """q and k are strided views of the fused projection (odd storage offsets too); bf16 is
+    rotated in float32. The reference is the real-valued rotation of each pair."""
+    torch.manual_seed(0)
+    B, T, H, D = 2, 5, 3, 8
+    fused = torch.randn(B, T, 1 + 2 * H * D, dtype=torch.float64)[..., 1:]  # odd offset
+    cos, sin = rope_cos_sin(torch.arange(T), D, dtype=torch.float64)
+    for x in fused.view(B, T, 2 * H, D).transpose(1, 2).split(H, dim=1):   # (B, H, T, D)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        pairs = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        torch.testing.assert_close(apply_rope(x, cos, sin), pairs)
+        low = apply_rope(x.bfloat16(), cos.bfloat16(), sin.bfloat16())
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low, pairs.bfloat16(), atol=0.05, rtol=0.02)
+
+
 def test_rope_keeps_norms_and_position_zero():
     x = torch.randn(4, 16)
     cos, sin = rope_cos_sin(torch.arange(4), 16)
