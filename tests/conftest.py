@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,12 +48,39 @@ def _share_cores() -> None:
     torch.set_num_threads(threads)
 
 
+def _is_notebook(item: pytest.Item) -> bool:
+    return item.nodeid.startswith("book/") or type(item).__name__.startswith("IPyNb")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every notebook cell (nbval) is slow: a notebook runs for tens of seconds."""
+    """Every notebook cell (nbval) is slow: a notebook runs for tens of seconds. The
+    notebooks run first, the later (longer) chapters before the earlier ones, so that with
+    several workers the unit tests fill the gaps instead of a long notebook ending the run
+    alone; cells keep their order within a notebook."""
     for item in items:
-        if item.nodeid.startswith("book/") or type(item).__name__.startswith("IPyNb"):
+        if _is_notebook(item):
             item.add_marker(pytest.mark.slow)
+    chapters = sorted({item.nodeid.split("::")[0] for item in items if _is_notebook(item)},
+                      reverse=True)
+    rank = {name: i for i, name in enumerate(chapters)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+@pytest.fixture(autouse=True)
+def _interruptible() -> Iterator[None]:
+    """pytest-xdist workers ignore SIGINT (the controller handles Ctrl-C), and a process
+    started with SIGINT ignored keeps it ignored (``minigpt.train.StopOnSignal`` respects
+    that, as under ``nohup``). Tests run with Python's default SIGINT handler, as in a
+    terminal; their subprocesses inherit the default action."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture
