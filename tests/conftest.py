@@ -30,8 +30,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto`` (pyproject's default): one worker per core, at most 4 (a notebook needs
-    about 1 GB, and more workers than notebooks only wait)."""
+    """``-n auto`` (pyproject's default): one worker per core, at most 4 (each notebook
+    kernel holds its own torch and models in memory, and the nine notebooks are the long
+    pole: more workers mostly wait)."""
     return max(1, min(os.cpu_count() or 1, 4))
 
 
