@@ -169,7 +169,6 @@ def main() -> None:
                  "git clone https://github.com/karpathy/nanoGPT")
     # --only re-measures one comparison and keeps the other one already in the file
     result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
-    result.pop("machine", None)  # files before each comparison recorded its own machine
     if args.only in (None, "train"):
         result["train"] = {"machine": machine(),
                            **compare_training(args.nanogpt, args.pairs, args.config)}
