@@ -135,10 +135,12 @@ class Engine:
                 rope: tuple[Tensor, Tensor] | None) -> Tensor:
         """Attention of the new token (B, C) over layer i's cached slots and itself."""
         B, H, H_kv = h.size(0), self.config.n_head, self.config.kv_heads
-        q, k, v = layer.qkv(h).split(self.split, dim=1)
-        q, k, v = q.view(B, H, 1, -1), k.view(B, H_kv, 1, -1), v.view(B, H_kv, 1, -1)
+        C, C_kv, _ = self.split
+        qk, v = layer.qkv(h).split((C + C_kv, C_kv), dim=1)
+        qk, v = qk.view(B, H + H_kv, 1, -1), v.view(B, H_kv, 1, -1)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)                             # q and k in one call
+        q, k = qk.split((H, H_kv), dim=1)                          # (B, H | H_kv, 1, D)
         keys, values = cache.update(i, k, v)                       # (B, H_kv, S, D)
         y = torch_attention(q, keys, values, enable_gqa=H_kv != H)  # (B, H, 1, D)
         return layer.proj(y.reshape(B, -1))
