@@ -32,6 +32,7 @@ from minigpt.train import (
     TrainConfig,
     TrainingInterrupted,
     accumulate_gradients,
+    concurrent_gradients,
     estimate_loss,
     make_optimizer,
     nats_per_char,
@@ -204,6 +205,48 @@ def test_gradient_accumulation_equals_big_batch():
     accumulate_gradients(model, [(x, y)], "float32")
     for a, p in zip(g_accum, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize("n_micro", [2, 3])
+def test_concurrent_micro_batches_give_the_same_bits(n_micro):
+    model = tiny_model()  # its token table is tied to the output layer: two gradient paths
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 11, (2, 4 * n_micro, 8), generator=g)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 4 * n_micro, 4)]
+    seq_loss = accumulate_gradients(model, batches, "float32")
+    seq = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    par_loss = accumulate_gradients(model, batches, "float32", threads=2)
+    assert torch.equal(seq_loss, par_loss)
+    for a, p in zip(seq, model.parameters(), strict=True):
+        assert torch.equal(a, p.grad)
+    # into gradients already there, as backward() adds to them
+    accumulate_gradients(model, batches, "float32")
+    twice = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    accumulate_gradients(model, batches, "float32")
+    concurrent_gradients(model, batches, "float32", threads=n_micro)
+    for a, p in zip(twice, model.parameters(), strict=True):
+        assert torch.equal(a, p.grad)
+
+
+def test_training_with_micro_batch_threads_repeats_the_one_thread_run(corpus, tmp_path):
+    kw = dict(dropout=0.0, batch_size=2, grad_accum_steps=2, max_iters=8)
+    one = train(tiny_config(corpus, tmp_path / "one", **kw))
+    two = train(tiny_config(corpus, tmp_path / "two", micro_batch_threads=2, **kw))
+    assert one.losses == two.losses and one.val_loss == two.val_loss
+    for a, b in zip(one.model.parameters(), two.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw, need", [
+    (dict(grad_accum_steps=1), "grad_accum_steps >= 2"),
+    (dict(grad_accum_steps=2, dropout=0.1), "dropout=0"),
+    (dict(grad_accum_steps=2, dropout=0.0, compile=True), "compile=false"),
+])
+def test_micro_batch_threads_says_what_it_needs(corpus, tmp_path, kw, need):
+    with pytest.raises(ConfigError, match=f"micro_batch_threads=2 needs {need}"):
+        tiny_config(corpus, tmp_path, micro_batch_threads=2, **kw)
 
 
 def test_estimate_loss_is_deterministic_and_covers_the_split():

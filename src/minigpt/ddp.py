@@ -74,12 +74,12 @@ def init_distributed(device: str = "auto") -> Distributed:
     return Distributed(rank, world, local_rank, dev, owns)
 
 
-def set_threads(dist: Distributed, num_threads: int) -> None:
-    """``num_threads`` torch threads; 0: torch's default, or the cores shared between ranks."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    elif dist.world_size > 1 and dist.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+def set_threads(dist: Distributed, num_threads: int, workers: int = 1) -> None:
+    """Share ``num_threads`` cores (0: all, or this rank's share of them) between
+    ``workers`` threads of this process: torch's intra-op threads = cores // workers."""
+    cores = num_threads or max(1, (os.cpu_count() or 1) // dist.world_size)
+    if num_threads or workers > 1 or (dist.world_size > 1 and dist.device.type == "cpu"):
+        torch.set_num_threads(max(1, cores // workers))
 
 
 def wrap_model(model: torch.nn.Module, dist: Distributed) -> torch.nn.Module:

@@ -27,6 +27,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -34,6 +35,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,14 +152,21 @@ def nats_per_char(nats_per_token: float, tokens: Sequence[int],
 
 # ---------------------------------------------------------------------------- one step
 def accumulate_gradients(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], dtype: str
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    dtype: str,
+    threads: int = 1,
 ) -> torch.Tensor:
     """Forward + backward over micro-batches; the gradients are those of the mean loss.
 
     Under DDP, gradients are all-reduced (averaged over ranks) only on the last
-    micro-batch. Returns this rank's mean loss, detached and left on the device (reading
-    it back would make the CPU wait for the GPU at every step).
+    micro-batch. With ``threads`` > 1 the micro-batches run at once, that many at a time
+    (``concurrent_gradients``), for the same gradients. Returns this rank's mean loss,
+    detached and left on the device (reading it back would make the CPU wait for the GPU
+    at every step).
     """
+    if threads > 1 and len(batches) > 1:
+        return concurrent_gradients(model, batches, dtype, threads)
     device = next(model.parameters()).device
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
@@ -166,6 +175,50 @@ def accumulate_gradients(
                 _, loss = model(x, y)
             (loss / len(batches)).backward()
         total += loss.detach().float()
+    return total / len(batches)
+
+
+@functools.cache
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="minigpt-micro-batch")
+
+
+def concurrent_gradients(
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    dtype: str,
+    threads: int,
+) -> torch.Tensor:
+    """``accumulate_gradients`` with ``threads`` micro-batches computed at once.
+
+    A small model's matrices are too small to keep several cores busy inside one
+    operation; one micro-batch per thread, each on its own core, keeps them busy instead.
+    Each thread returns its micro-batch's gradients, and they are added into ``.grad`` in
+    micro-batch order: the same additions, so the same bits, as the loop one by one.
+    Not for DDP (its gradient hooks need ``backward``), nor with dropout (the threads
+    would draw their masks from one generator in a racy order).
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    intra_op = torch.get_num_threads()  # a thread keeps its own count: pass this one on
+
+    def grads(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
+        torch.set_num_threads(intra_op)
+        x, y = batch
+        with _autocast(device, dtype):
+            _, loss = model(x, y)
+        g = torch.autograd.grad(loss / len(batches), params, allow_unused=True)
+        return loss.detach().float(), g
+
+    results = list(_thread_pool(threads).map(grads, batches))  # in micro-batch order
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            for _, g in results:
+                if g[i] is not None:
+                    p.grad = g[i] if p.grad is None else p.grad.add_(g[i])
+    total = torch.zeros((), device=device)
+    for loss, _ in results:
+        total += loss
     return total / len(batches)
 
 
@@ -250,7 +303,10 @@ class Run:
         """Devices, data, model and optimiser; resumes ``out_dir/ckpt.pt`` if ``cfg.resume``."""
         t_start = time.perf_counter()
         dist = ddp.init_distributed(cfg.device)  # checks the device before reading data
-        ddp.set_threads(dist, cfg.num_threads)
+        if cfg.micro_batch_threads > 1 and dist.world_size > 1:
+            raise ConfigError("micro_batch_threads > 1 is for one process (DDP's gradient "
+                              "hooks need backward); under torchrun set micro_batch_threads=1")
+        ddp.set_threads(dist, cfg.num_threads, cfg.micro_batch_threads)
         _seed_everything(cfg.seed)
         tokenizer, train_ids, val_ids = data.prepare_data(cfg.data_spec)
         model = GPT(cfg.model_config(tokenizer.vocab_size)).to(dist.device)
@@ -388,7 +444,8 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
             batches = [data.get_batch(run.train_ids, cfg.batch_size, cfg.block_size,
                                       run.dist.device, run.gen)
                        for _ in range(cfg.grad_accum_steps)]
-            loss = accumulate_gradients(run.net, batches, cfg.dtype)
+            loss = accumulate_gradients(run.net, batches, cfg.dtype,
+                                        cfg.micro_batch_threads)
             optimizer_step(run.optimizer, run.lr(it), cfg.grad_clip)  # lr, clip, step
             run.step_done(it, loss)  # the loss stays on the device
             if stop.requested(run.dist, it):
@@ -401,6 +458,6 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
 __all__ = [
     "CheckpointWriteError", "ConfigError", "Run", "StopOnSignal", "TrainConfig", "TrainResult",
-    "TrainingInterrupted", "accumulate_gradients", "estimate_loss", "make_optimizer",
-    "nats_per_char", "train",
+    "TrainingInterrupted", "accumulate_gradients", "concurrent_gradients", "estimate_loss",
+    "make_optimizer", "nats_per_char", "train",
 ]

@@ -112,7 +112,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # "float32" or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the model
-    num_threads: int = 0  # torch intra-op threads; 0: torch's default (one per core)
+    num_threads: int = 0  # cores to use; 0: torch's default (all of them)
+    micro_batch_threads: int = 1  # micro-batches run at once, in threads sharing the cores
     out_dir: str = "out/run"  # log.jsonl, ckpt.pt and the exported model go here
     resume: bool = False  # continue from out_dir/ckpt.pt if it exists
     progress: bool = True  # progress bar and one line per evaluation (rank 0 only)
@@ -138,12 +139,28 @@ class TrainConfig:
             "eval_iters": self.eval_iters >= 1,
             "val_fraction": 0 < self.val_fraction < 1,
             "warmup_iters": 0 <= self.warmup_iters <= self.decay_iters,
+            "micro_batch_threads": self.micro_batch_threads >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"invalid TrainConfig value {bad[0]}={getattr(self, bad[0])!r}; "
                               "see `python -m minigpt train --help` for allowed values")
+        self._check_micro_batch_threads()
         self.model_config(vocab_size=1)  # GPTConfig's own checks, before any data is read
+
+    def _check_micro_batch_threads(self) -> None:
+        n = self.micro_batch_threads
+        needs = [
+            (self.grad_accum_steps >= n,
+             f"grad_accum_steps >= {n} (it runs the micro-batches of one step at once)"),
+            (self.dropout == 0, "dropout=0 (the threads would draw their dropout masks from "
+                                "one generator in a racy order, so runs would not repeat)"),
+            (not self.compile, "compile=false (a compiled model is not run from threads)"),
+        ]
+        unmet = [need for ok, need in needs if not ok]
+        if n > 1 and unmet:
+            raise ConfigError(f"micro_batch_threads={n} needs {unmet[0]}; "
+                              "or set micro_batch_threads=1")
 
     @property
     def decay_iters(self) -> int:
