@@ -30,7 +30,10 @@ VARIANTS: Variants = {
     "lr 3e-3": ("nanogpt_cpu", {"lr": 3e-3, "min_lr": 3e-4}),
     "lr 3e-3, no biases, exact GELU": ("nanogpt_cpu", {
         "lr": 3e-3, "min_lr": 3e-4, "bias": False, "model": {"gelu_approx": "none"}}),
-    "+ RoPE (= shakespeare_char)": ("shakespeare_char", {}),
+    "+ RoPE": ("nanogpt_cpu", {
+        "lr": 3e-3, "min_lr": 3e-4, "bias": False,
+        "model": {"gelu_approx": "none", "pos_emb": "rope"}}),
+    "+ 2 micro-batches in 2 threads (= shakespeare_char)": ("shakespeare_char", {}),
     "lr 6e-3": ("nanogpt_cpu", {"lr": 6e-3, "min_lr": 6e-4}),
     "ctx 128, batch 6, lr 4e-3": ("nanogpt_cpu", {"block_size": 128, "batch_size": 6,
                                                  "lr": 4e-3, "min_lr": 4e-4}),

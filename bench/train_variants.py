@@ -1,4 +1,5 @@
-"""Training speed of system settings: fp32 vs bf16 autocast, eager vs torch.compile, 1 vs 2 threads.
+"""Training speed of system settings: fp32 vs bf16 autocast, eager vs torch.compile, 1 vs 2
+threads, one batch vs two micro-batches computed at once (``micro_batch_threads``).
 
     python bench/train_variants.py                   # writes data/bench/train_variants.json
     python bench/train_variants.py --steps 20 --repeats 5
@@ -39,14 +40,18 @@ from minigpt.train import accumulate_gradients, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG, VOCAB = "shakespeare_char_long", 65  # the shipped character model's shape
+# the same 32 sequences per step as 2 micro-batches of 16, computed at once (one per thread)
+TWO_MICRO = {"num_threads": 2, "batch_size": 16, "grad_accum_steps": 2, "micro_batch_threads": 2}
 # name -> overrides of the config; the first row is the reference
 VARIANTS: dict[str, dict] = {
     "fp32, 2 threads": {"num_threads": 2},
     "fp32, 1 thread": {"num_threads": 1},
     "bf16 autocast, 2 threads": {"num_threads": 2, "dtype": "bfloat16"},
     "torch.compile, 2 threads": {"num_threads": 2, "compile": True},
+    "fp32, 2 micro-batches in 2 threads": TWO_MICRO,
     "fp32, 2 threads, one core busy": {"num_threads": 2},
     "fp32, 1 thread, one core busy": {"num_threads": 1},
+    "fp32, 2 micro-batches in 2 threads, one core busy": TWO_MICRO,
 }
 SPIN = "while True: pass"  # the other process of the "one core busy" rows
 
@@ -66,7 +71,7 @@ def measure(name: str, steps: int, repeats: int, warmup: int) -> dict:
     """Time one variant in this process (called in a fresh process per variant)."""
     overrides = VARIANTS[name]
     cfg = load_config(CONFIG, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-    torch.set_num_threads(cfg.num_threads)
+    torch.set_num_threads(max(1, cfg.num_threads // cfg.micro_batch_threads))
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config(VOCAB))
     optimizer = make_optimizer(model, cfg)
@@ -75,7 +80,7 @@ def measure(name: str, steps: int, repeats: int, warmup: int) -> dict:
     batches = [(s[:, :-1], s[:, 1:]) for s in x]
 
     def step() -> None:
-        accumulate_gradients(net, batches, cfg.dtype)
+        accumulate_gradients(net, batches, cfg.dtype, cfg.micro_batch_threads)
         clip_grad_norm(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -91,10 +96,12 @@ def measure(name: str, steps: int, repeats: int, warmup: int) -> dict:
         for _ in range(steps):
             step()
         rates.append(tokens / (time.perf_counter() - t))
+    torch.set_num_threads(cfg.num_threads)  # the peak of all the cores the variant used
     peak = matmul_flops_per_s(size=1024, seconds=2.0)
     median = statistics.median(rates)
     return {"name": name, "overrides": overrides, "threads": cfg.num_threads,
-            "dtype": cfg.dtype, "compile": cfg.compile, "params": model.num_params(),
+            "micro_batch_threads": cfg.micro_batch_threads, "dtype": cfg.dtype,
+            "compile": cfg.compile, "params": model.num_params(),
             "tokens_per_step": tokens // steps, "warmup_steps": warmup,
             "warmup_s": round(warmup_s, 2), "timed_steps": steps,
             "tokens_per_s_runs": [round(r) for r in rates],

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minigpt import checkpoint as ckpt_mod
-from minigpt import data
+from minigpt import data, ddp
 from minigpt.bpe import train_bpe_from_text
 from minigpt.checkpoint import (
     CheckpointError,
@@ -247,6 +247,14 @@ def test_training_with_micro_batch_threads_repeats_the_one_thread_run(corpus, tm
 def test_micro_batch_threads_says_what_it_needs(corpus, tmp_path, kw, need):
     with pytest.raises(ConfigError, match=f"micro_batch_threads=2 needs {need}"):
         tiny_config(corpus, tmp_path, micro_batch_threads=2, **kw)
+
+
+def test_micro_batch_threads_refuse_ddp(corpus, tmp_path, monkeypatch):
+    two_ranks = ddp.Distributed(rank=0, world_size=2)
+    monkeypatch.setattr(ddp, "init_distributed", lambda device: two_ranks)
+    cfg = tiny_config(corpus, tmp_path, dropout=0.0, grad_accum_steps=2, micro_batch_threads=2)
+    with pytest.raises(ConfigError, match="under torchrun set micro_batch_threads=1"):
+        train(cfg)
 
 
 def test_estimate_loss_is_deterministic_and_covers_the_split():

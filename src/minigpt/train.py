@@ -192,9 +192,9 @@ def concurrent_gradients(
     """``accumulate_gradients`` with ``threads`` micro-batches computed at once.
 
     A small model's matrices are too small to keep several cores busy inside one
-    operation; one micro-batch per thread, each on its own core, keeps them busy instead.
-    Each thread returns its micro-batch's gradients, and they are added into ``.grad`` in
-    micro-batch order: the same additions, so the same bits, as the loop one by one.
+    operation; one micro-batch per thread, each on its own core, keeps them busy.
+    Each thread returns its micro-batch's gradients, which are added into ``.grad``
+    in micro-batch order: the same additions, so the same bits, as the loop.
     Not for DDP (its gradient hooks need ``backward``), nor with dropout (the threads
     would draw their masks from one generator in a racy order).
     """
