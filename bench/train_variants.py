@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from minigpt import ddp
 from minigpt.atomic import atomic_write_text
 from minigpt.cli import load_config
 from minigpt.model import GPT
@@ -71,7 +72,7 @@ def measure(name: str, steps: int, repeats: int, warmup: int) -> dict:
     """Time one variant in this process (called in a fresh process per variant)."""
     overrides = VARIANTS[name]
     cfg = load_config(CONFIG, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-    torch.set_num_threads(max(1, cfg.num_threads // cfg.micro_batch_threads))
+    ddp.set_threads(ddp.Distributed(), cfg.num_threads, cfg.micro_batch_threads)  # as train
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config(VOCAB))
     optimizer = make_optimizer(model, cfg)
