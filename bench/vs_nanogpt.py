@@ -90,14 +90,15 @@ def nanogpt_val_loss(ckpt: Path, val_ids) -> float:
     return estimate_loss(model, val_ids, a["block_size"])
 
 
-def compare_training(nanogpt: Path, pairs: int, config: str) -> dict:
+def compare_training(nanogpt: Path, pairs: int, config: str, overrides: list[str]) -> dict:
     prepare_nanogpt_data(nanogpt)
     _, _, val_ids = prepare_data(load_config(config, []).data_spec)
     work = Path(tempfile.mkdtemp(prefix="vs_nanogpt_"))
     env = dict(os.environ)
     a_cmd = [sys.executable, "train.py", *NANOGPT_CPU_ARGS, f"--out_dir={work / 'nanogpt'}"]
     b_cmd = [sys.executable, "-m", "minigpt", "train", "--config", config, "--force",
-             "--set", f"out_dir={work / 'minigpt'}", "--set", "progress=false"]
+             "--set", f"out_dir={work / 'minigpt'}", "--set", "progress=false",
+             *(arg for o in overrides for arg in ("--set", o))]
     runs = []
     for _ in range(pairs):
         a, b = timed(a_cmd, nanogpt, env), timed(b_cmd, ROOT, env)
@@ -106,7 +107,8 @@ def compare_training(nanogpt: Path, pairs: int, config: str) -> dict:
     ours = json.loads((work / "minigpt" / "config.json").read_text())["train"]
     result = {
         "nanogpt_command": " ".join(["python", "train.py", *NANOGPT_CPU_ARGS]),
-        "minigpt_command": f"python -m minigpt train --config {config}", "pairs": runs,
+        "minigpt_command": " ".join(["python -m minigpt train --config", config,
+                                     *(f"--set {o}" for o in overrides)]), "pairs": runs,
         "speedup_median": statistics.median(r["ratio"] for r in runs),
         "nanogpt_val_loss": round(nanogpt_val_loss(work / "nanogpt" / "ckpt.pt", val_ids), 4),
         "minigpt_val_loss": round(ours["val_loss"], 4),
@@ -122,19 +124,20 @@ def load_nanogpt_model(nanogpt: Path):
     return module
 
 
-def step_time(model, optimizer, x, y, steps: int) -> float:
+def step_time(model, optimizer, x, y, steps: int, dtype: str = "float32") -> float:
     """Median seconds of forward + backward + clip + AdamW over ``steps`` steps."""
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        _, loss = model(x, y)
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
+            _, loss = model(x, y)
         loss.backward()
         optimizer_step(optimizer, 6e-4, 1.0)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def compare_step(nanogpt: Path, pairs: int, steps: int = 3) -> dict:
+def compare_step(nanogpt: Path, pairs: int, dtype: str, steps: int = 3) -> dict:
     nano = load_nanogpt_model(nanogpt)
     torch.manual_seed(0)
     a_model = nano.GPT(nano.GPTConfig(vocab_size=50257, dropout=0.0, bias=True))
@@ -143,14 +146,16 @@ def compare_step(nanogpt: Path, pairs: int, steps: int = 3) -> dict:
                             n_embd=768, dropout=0.0, bias=True))
     b_opt = make_optimizer(b_model, load_config("gpt2_small", []))
     x, y = torch.randint(0, 50257, (2, 1, 1024))
-    step_time(a_model, a_opt, x, y, 1), step_time(b_model, b_opt, x, y, 1)  # warm up
+    step_time(a_model, a_opt, x, y, 1), step_time(b_model, b_opt, x, y, 1, dtype)  # warm up
     runs = []
     for _ in range(pairs):
-        a, b = step_time(a_model, a_opt, x, y, steps), step_time(b_model, b_opt, x, y, steps)
+        a = step_time(a_model, a_opt, x, y, steps)  # nanoGPT: fp32, its only mode on a CPU
+        b = step_time(b_model, b_opt, x, y, steps, dtype)
         runs.append({"nanogpt_s": round(a, 3), "minigpt_s": round(b, 3),
                      "ratio": round(a / b, 3)})
         print(f"step pair: nanoGPT {a:.3f} s, minigpt {b:.3f} s", flush=True)
-    return {"shape": "GPT-2 small, 1 x 1024 tokens, AdamW", "pairs": runs,
+    return {"shape": "GPT-2 small, 1 x 1024 tokens, AdamW", "minigpt_dtype": dtype,
+            "nanogpt_dtype": "float32", "pairs": runs,
             "speedup_median": statistics.median(r["ratio"] for r in runs)}
 
 
@@ -162,6 +167,10 @@ def main() -> None:
     parser.add_argument("--only", choices=["train", "step"], help="run one comparison")
     parser.add_argument("--config", default="shakespeare_char",
                         help="minigpt config for the training comparison")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override of that config (repeatable), e.g. dtype=bfloat16")
+    parser.add_argument("--step-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="minigpt's precision in the step comparison (bfloat16: autocast)")
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "bench" / "vs_nanogpt.json")
     args = parser.parse_args()
     if not (args.nanogpt / "train.py").is_file():
@@ -171,9 +180,10 @@ def main() -> None:
     result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     if args.only in (None, "train"):
         result["train"] = {"machine": machine(),
-                           **compare_training(args.nanogpt, args.pairs, args.config)}
+                           **compare_training(args.nanogpt, args.pairs, args.config, args.set)}
     if args.only in (None, "step"):
-        result["step"] = {"machine": machine(), **compare_step(args.nanogpt, args.pairs)}
+        step = compare_step(args.nanogpt, args.pairs, args.step_dtype)
+        result["step"] = {"machine": machine(), **step}
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

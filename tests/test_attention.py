@@ -158,6 +158,29 @@ def test_torch_attention_equals_scratch_with_gqa_and_dropout_off(H_kv, causal):
                                scaled_dot_product_attention(q, k, v, mask, **kw))
 
 
+@pytest.mark.parametrize("mask", [None, "bool", "additive"])
+def test_short_bf16_attention_runs_in_fp32_even_under_autocast(mask):
+    q, k, v = (t.bfloat16().requires_grad_() for t in qkv(L=4, S=6))
+    m = {None: None, "bool": decode_mask(2, 4)}.get(mask, torch.zeros(4, 6, dtype=torch.bfloat16))
+    kw = dict(is_causal=m is None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch_attention(q, k, v, m, **kw)
+    m32 = m.float() if m is not None and m.is_floating_point() else m
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), m32, **kw)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want.bfloat16())
+    y.sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
+def test_long_bf16_attention_keeps_torchs_bf16_kernel(monkeypatch):
+    import minigpt.attention as attention
+    monkeypatch.setattr(attention, "CPU_BF16_FP32_BELOW", 6)  # 6 keys count as long
+    q, k, v = (t.bfloat16() for t in qkv(L=4, S=6))
+    m = decode_mask(2, 4)
+    torch.testing.assert_close(torch_attention(q, k, v, m),
+                               F.scaled_dot_product_attention(q, k, v, m), rtol=0, atol=0)
+
+
 def test_repeat_kv_repeats_each_head_for_its_group():
     k = torch.arange(2.0).view(1, 2, 1, 1).expand(1, 2, 3, 4)   # head h holds h
     assert repeat_kv(k, 6)[0, :, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]

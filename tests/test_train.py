@@ -262,6 +262,7 @@ def test_estimate_loss_is_deterministic_and_covers_the_split():
     tokens = torch.randint(0, 11, (8 * 10 + 1,)).numpy()
     whole = estimate_loss(model, tokens, 8, batch_size=3)
     assert whole == estimate_loss(model, tokens, 8, batch_size=3)
+    assert whole == estimate_loss(model, tokens, 8, batch_size=3, threads=2)  # 2 at once
     x = torch.from_numpy(tokens[:-1].astype("int64")).view(10, 8)
     y = torch.from_numpy(tokens[1:].astype("int64")).view(10, 8)
     with torch.no_grad():

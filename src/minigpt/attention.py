@@ -22,6 +22,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,9 @@ Rope = tuple[Tensor, Tensor]  # (cos, sin) from rope_cos_sin, shape (T, D/2) or 
 
 # torch >= 2.5 repeats key/value heads inside its SDPA kernel (grouped-query attention).
 _TORCH_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+# torch's CPU flash kernel has a high fixed cost per (batch, head) in its bfloat16 backward:
+# below this many keys its fp32 kernel is faster, casts included (bench/attention_bf16.py).
+CPU_BF16_FP32_BELOW = 512
 
 
 def _check_mask(mask: Tensor | None, is_causal: bool) -> None:
@@ -118,9 +122,15 @@ def torch_attention(
         extra["enable_gqa"] = True
     elif enable_gqa:
         k, v = repeat_kv(k, q.size(-3)), repeat_kv(v, q.size(-3))
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra
-    )
+    short_bf16 = (q.device.type == "cpu" and q.dtype == torch.bfloat16
+                  and k.size(-2) < CPU_BF16_FP32_BELOW)
+    if short_bf16:  # compute in fp32 (outside autocast, which would cast back to bf16)
+        q, k, v = q.float(), k.float(), v.float()
+        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+    with torch.autocast("cpu", enabled=False) if short_bf16 else contextlib.nullcontext():
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                           is_causal=is_causal, scale=scale, **extra)
+    return y.to(torch.bfloat16) if short_bf16 else y
 
 
 # GPTConfig.attn_impl -> the attention function CausalSelfAttention calls

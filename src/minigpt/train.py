@@ -96,6 +96,12 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+@functools.cache
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    """The worker threads of micro-batches and evaluation batches computed at once."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="minigpt-micro-batch")
+
+
 @torch.no_grad()
 def estimate_loss(
     model: torch.nn.Module,
@@ -104,12 +110,15 @@ def estimate_loss(
     batch_size: int = 32,
     max_batches: int | None = None,
     dtype: str = "float32",
+    threads: int = 1,
 ) -> float:
     """Mean next-token loss over fixed, non-overlapping windows of ``tokens``.
 
     All ``len(tokens) // block_size`` windows by default (the whole split: reproducible, and
     the better metric); with ``max_batches``, that many batches of windows spread evenly over
-    the split. No random numbers are drawn, so evaluating never changes a run.
+    the split. No random numbers are drawn, so evaluating never changes a run. With
+    ``threads`` > 1, that many batches are computed at once (as ``concurrent_gradients``
+    does), their losses added in batch order.
     """
     n_windows = (len(tokens) - 1) // block_size
     if n_windows < 1:
@@ -122,13 +131,23 @@ def estimate_loss(
     model.eval()
     device = next(model.parameters()).device
     offsets = np.arange(block_size + 1)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for i in range(0, len(starts), batch_size):
+    intra_op = torch.get_num_threads()
+
+    @torch.no_grad()  # grad mode is per thread
+    def batch_loss(i: int) -> torch.Tensor:  # summed over the batch's windows
+        torch.set_num_threads(intra_op)
         windows = torch.from_numpy(np.asarray(tokens)[starts[i : i + batch_size, None] + offsets]
                                    .astype(np.int64)).to(device)
         with _autocast(device, dtype):
             _, loss = model(windows[:, :-1], windows[:, 1:])
-        total += loss.double() * windows.size(0)
+        return loss.double() * windows.size(0)
+
+    firsts = range(0, len(starts), batch_size)
+    losses = map(batch_loss, firsts) if threads == 1 else _thread_pool(threads).map(
+        batch_loss, firsts)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for loss in losses:  # in batch order
+        total += loss
     model.train(was_training)
     return total.item() / len(starts)
 
@@ -176,11 +195,6 @@ def accumulate_gradients(
             (loss / len(batches)).backward()
         total += loss.detach().float()
     return total / len(batches)
-
-
-@functools.cache
-def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="minigpt-micro-batch")
 
 
 def concurrent_gradients(
@@ -351,7 +365,7 @@ class Run:
             return False
         cfg, steps = self.cfg, len(self.losses)
         kw = dict(block_size=cfg.block_size, batch_size=cfg.batch_size,
-                  max_batches=cfg.eval_iters, dtype=cfg.dtype)
+                  max_batches=cfg.eval_iters, dtype=cfg.dtype, threads=cfg.micro_batch_threads)
         elapsed = max(time.perf_counter() - self.t_loop, 1e-9)
         record = {"iter": it, "lr": self.lr(it),
                   "train_loss": estimate_loss(self.model, self.train_ids, **kw),
@@ -411,7 +425,7 @@ class Run:
         self.bar.close()
         loop_time = max(time.perf_counter() - self.t_loop, 1e-9)
         val_loss = estimate_loss(self.model, self.val_ids, self.cfg.block_size,
-                                 dtype=self.cfg.dtype)
+                                 dtype=self.cfg.dtype, threads=self.cfg.micro_batch_threads)
         losses = torch.stack(self.losses).tolist() if self.losses else []
         tokens_per_s = self.tokens_per_step * len(losses) / loop_time
         wall = time.perf_counter() - self.t_start
