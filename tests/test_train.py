@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from minigpt import checkpoint as ckpt_mod
 from minigpt import data, ddp
+from minigpt import train as train_module
 from minigpt.bpe import train_bpe_from_text
 from minigpt.checkpoint import (
     CheckpointError,
@@ -304,6 +306,20 @@ def test_train_options(corpus, tmp_path, kw):
     assert len(res.losses) == 4 and all(map(lambda v: v == v, res.losses))  # no NaN
     model, tok = load_model(tmp_path / "o")
     assert tok.decode(tok.encode("the king")) == "the king"
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(corpus, tmp_path, monkeypatch,
+                                                       has_bf16):
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: has_bf16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_config(corpus, tmp_path / "o", max_iters=4, dtype="bfloat16"))
+    said = [str(w.message) for w in caught if "bf16 instructions" in str(w.message)]
+    if has_bf16:
+        assert said == []
+    else:
+        assert len(said) == 1 and "set dtype=float32" in said[0]
 
 
 def test_config_rejects_unknown_and_bad_values():

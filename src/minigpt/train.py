@@ -34,6 +34,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -94,6 +95,15 @@ def _autocast(device: torch.device, dtype: str):
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16); True
+    where torch cannot tell."""
+    checks = [getattr(torch.cpu, name, None)
+              for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    checks = [check for check in checks if check is not None]
+    return not checks or any(check() for check in checks)
 
 
 @functools.cache
@@ -321,6 +331,11 @@ class Run:
             raise ConfigError("micro_batch_threads > 1 is for one process (DDP's gradient "
                               "hooks need backward); under torchrun set micro_batch_threads=1")
         ddp.set_threads(dist, cfg.num_threads, cfg.micro_batch_threads)
+        if cfg.dtype == "bfloat16" and dist.device.type == "cpu" and not cpu_has_bf16():
+            warnings.warn("dtype=bfloat16 on a CPU without bf16 instructions (AMX or "
+                          "AVX512-BF16 in lscpu's flags): its matrix products take a slow "
+                          "generic path, many times slower than float32; set "
+                          "dtype=float32", stacklevel=2)
         _seed_everything(cfg.seed)
         tokenizer, train_ids, val_ids = data.prepare_data(cfg.data_spec)
         model = GPT(cfg.model_config(tokenizer.vocab_size)).to(dist.device)
@@ -472,6 +487,6 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
 __all__ = [
     "CheckpointWriteError", "ConfigError", "Run", "StopOnSignal", "TrainConfig", "TrainResult",
-    "TrainingInterrupted", "accumulate_gradients", "concurrent_gradients", "estimate_loss",
-    "make_optimizer", "nats_per_char", "train",
+    "TrainingInterrupted", "accumulate_gradients", "concurrent_gradients", "cpu_has_bf16",
+    "estimate_loss", "make_optimizer", "nats_per_char", "train",
 ]
