@@ -54,13 +54,15 @@ VARIANTS: Variants = {
 
 
 def repeated(name: str, config: str, overrides: dict, keep: str | None, repeat: int) -> dict:
-    """Train a variant ``repeat`` times: its row, with every wall time and their median."""
+    """Train a variant ``repeat`` times: its row, with every wall time, and the medians of
+    the wall times and of the tokens/s."""
     rows = [run(name, config, overrides, keep) for _ in range(repeat)]
     row = rows[0]
     if any(r["val_loss"] != row["val_loss"] for r in rows):
         print(f"warning: {name}: val loss differs between repeats", file=sys.stderr)
     row["wall_times_s"] = [r["wall_time_s"] for r in rows]
     row["wall_time_s"] = round(statistics.median(row["wall_times_s"]), 1)
+    row["tokens_per_s"] = round(statistics.median(r["tokens_per_s"] for r in rows))
     # a repeat starts right after the previous one, whose own load the average still holds
     row["load_avg"] = min(r["load_avg"] for r in rows)
     return row

@@ -54,6 +54,11 @@ def _worker(rank: int, port: int, tmp: str, text: str) -> None:
     net = wrap_model(_model(), info)
     accumulate_gradients(net, [(xs[:2], ys[:2]), (xs[2:], ys[2:])], "float32")
     grads = {n: p.grad for n, p in net.module.named_parameters()}
+    try:  # micro-batches in threads cannot drive DDP's hooks: refused, nothing touched
+        accumulate_gradients(net, [(xs[:2], ys[:2]), (xs[2:], ys[2:])], "float32", threads=2)
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
     # (2) the trainer under DDP
     out = os.path.join(tmp, f"run{rank}")  # a different out_dir per rank: only rank 0 writes
     printed = io.StringIO()
@@ -61,7 +66,8 @@ def _worker(rank: int, port: int, tmp: str, text: str) -> None:
         res = train(TrainConfig(dataset=text, n_layer=1, n_head=2, n_embd=16, block_size=8,
                                 batch_size=4, max_iters=3, eval_interval=3, eval_iters=1,
                                 warmup_iters=1, out_dir=out, progress=True, device="cpu"))
-    torch.save({"grads": grads, "state": res.model.state_dict(), "losses": res.losses,
+    torch.save({"grads": grads, "refused": refused,
+                "state": res.model.state_dict(), "losses": res.losses,
                 "wrote": os.path.isdir(out), "printed": printed.getvalue()},
                os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -86,6 +92,11 @@ def test_ddp_gradients_equal_single_process(ranks):
     for r in ranks:
         for name, p in model.named_parameters():
             torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_concurrent_micro_batches_refuse_a_ddp_model(ranks):
+    assert all("threads=1 under torchrun" in r["refused"] for r in ranks)
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from minigpt import data, ddp, optim, tracking
@@ -222,6 +223,9 @@ def concurrent_gradients(
     Not for DDP (its gradient hooks need ``backward``), nor with dropout (the threads
     would draw their masks from one generator in a racy order).
     """
+    if isinstance(model, DDP):
+        raise ValueError("concurrent_gradients cannot drive DDP's gradient hooks: "
+                         "use accumulate_gradients with threads=1 under torchrun")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     intra_op = torch.get_num_threads()  # a thread keeps its own count: pass this one on
