@@ -1,4 +1,5 @@
-"""What a timing depends on, recorded beside it: CPU model, cores, torch version, load.
+"""What a timing depends on, recorded beside it: CPU model, cores, whether the CPU has bf16
+instructions (AMX or AVX512-BF16), torch version, load.
 
 Imported by the bench scripts that write JSON under ``data/bench/`` (run from the repository
 root, ``bench/`` is on ``sys.path`` as the script's own folder).
@@ -12,6 +13,8 @@ import statistics
 import subprocess
 
 import torch
+
+from minigpt.train import cpu_has_bf16
 
 
 def cpu_model() -> str:
@@ -29,7 +32,8 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     """The machine a timing ran on, and how busy it was when it started."""
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "bf16_instructions": cpu_has_bf16(),
+            "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
