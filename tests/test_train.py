@@ -322,6 +322,15 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(corpus, tmp_path, monkeyp
         assert len(said) == 1 and "set dtype=float32" in said[0]
 
 
+def test_cpu_has_bf16_probes_only_x86(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(train_module.platform, "machine", lambda: "x86_64")
+    assert not train_module.cpu_has_bf16()
+    monkeypatch.setattr(train_module.platform, "machine", lambda: "arm64")
+    assert train_module.cpu_has_bf16()  # not probed: no warning
+
+
 def test_config_rejects_unknown_and_bad_values():
     with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['n_layers'\]"):
         TrainConfig.from_dict({"n_layers": 3})

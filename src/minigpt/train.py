@@ -30,6 +30,7 @@ import contextlib
 import functools
 import json
 import math
+import platform
 import random
 import signal
 import threading
@@ -99,12 +100,13 @@ def _autocast(device: torch.device, dtype: str):
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16); True
-    where torch cannot tell."""
+    """Whether this x86 CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16);
+    True where torch cannot tell, and on other CPUs (ARM's bf16 is not probed)."""
     checks = [getattr(torch.cpu, name, None)
               for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     checks = [check for check in checks if check is not None]
-    return not checks or any(check() for check in checks)
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return not (x86 and checks) or any(check() for check in checks)
 
 
 @functools.cache
@@ -113,7 +115,6 @@ def _thread_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="minigpt-micro-batch")
 
 
-@torch.no_grad()
 def estimate_loss(
     model: torch.nn.Module,
     tokens: np.ndarray,
@@ -128,8 +129,9 @@ def estimate_loss(
     All ``len(tokens) // block_size`` windows by default (the whole split: reproducible, and
     the better metric); with ``max_batches``, that many batches of windows spread evenly over
     the split. No random numbers are drawn, so evaluating never changes a run. With
-    ``threads`` > 1, that many batches are computed at once (as ``concurrent_gradients``
-    does), their losses added in batch order.
+    ``threads`` > 1, that many batches are computed at once, each thread on the caller's
+    intra-op thread count (the trainer's share of the cores), their losses added in batch
+    order: the same bits as one by one.
     """
     n_windows = (len(tokens) - 1) // block_size
     if n_windows < 1:
