@@ -36,10 +36,11 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,8 +112,22 @@ def cpu_has_bf16() -> bool:
 
 @functools.cache
 def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    """The worker threads of micro-batches and evaluation batches computed at once."""
     return ThreadPoolExecutor(threads, thread_name_prefix="minigpt-micro-batch")
+
+
+def _map_in_threads(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> list:
+    """``[fn(item) for item in items]``, ``threads`` items at a time in worker threads, in
+    order. Each worker runs torch on the caller's intra-op thread count (a thread keeps
+    its own count otherwise), so every item gets the same kernels as in the caller."""
+    if threads == 1:
+        return [fn(item) for item in items]
+    intra_op = torch.get_num_threads()
+
+    def call(item: Any) -> Any:
+        torch.set_num_threads(intra_op)
+        return fn(item)
+
+    return list(_thread_pool(threads).map(call, items))
 
 
 def estimate_loss(
@@ -129,8 +144,7 @@ def estimate_loss(
     All ``len(tokens) // block_size`` windows by default (the whole split: reproducible, and
     the better metric); with ``max_batches``, that many batches of windows spread evenly over
     the split. No random numbers are drawn, so evaluating never changes a run. With
-    ``threads`` > 1, that many batches are computed at once, each thread on the caller's
-    intra-op thread count (the trainer's share of the cores), their losses added in batch
+    ``threads`` > 1, that many batches are computed at once, their losses added in batch
     order: the same bits as one by one.
     """
     n_windows = (len(tokens) - 1) // block_size
@@ -144,20 +158,16 @@ def estimate_loss(
     model.eval()
     device = next(model.parameters()).device
     offsets = np.arange(block_size + 1)
-    intra_op = torch.get_num_threads()
 
     @torch.no_grad()  # grad mode is per thread
     def batch_loss(i: int) -> torch.Tensor:  # summed over the batch's windows
-        torch.set_num_threads(intra_op)
         windows = torch.from_numpy(np.asarray(tokens)[starts[i : i + batch_size, None] + offsets]
                                    .astype(np.int64)).to(device)
         with _autocast(device, dtype):
             _, loss = model(windows[:, :-1], windows[:, 1:])
         return loss.double() * windows.size(0)
 
-    firsts = range(0, len(starts), batch_size)
-    losses = map(batch_loss, firsts) if threads == 1 else _thread_pool(threads).map(
-        batch_loss, firsts)
+    losses = _map_in_threads(batch_loss, range(0, len(starts), batch_size), threads)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for loss in losses:  # in batch order
         total += loss
@@ -230,17 +240,15 @@ def concurrent_gradients(
                          "use accumulate_gradients with threads=1 under torchrun")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    intra_op = torch.get_num_threads()  # a thread keeps its own count: pass this one on
 
     def grads(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
-        torch.set_num_threads(intra_op)
         x, y = batch
         with _autocast(device, dtype):
             _, loss = model(x, y)
         g = torch.autograd.grad(loss / len(batches), params, allow_unused=True)
         return loss.detach().float(), g
 
-    results = list(_thread_pool(threads).map(grads, batches))  # in micro-batch order
+    results = _map_in_threads(grads, batches, threads)  # in micro-batch order
     with torch.no_grad():
         for i, p in enumerate(params):
             for _, g in results:
