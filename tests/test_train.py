@@ -322,6 +322,18 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(corpus, tmp_path, monkeyp
         assert len(said) == 1 and "set dtype=float32" in said[0]
 
 
+@pytest.mark.parametrize("has_bf16, resolved", [(True, "bfloat16"), (False, "float32")])
+def test_dtype_auto_trains_and_saves_the_resolved_dtype(corpus, tmp_path, monkeypatch,
+                                                         has_bf16, resolved):
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: has_bf16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "bf16 instructions" warning either way
+        train(tiny_config(corpus, tmp_path / "o", max_iters=2, dtype="auto"))
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())["train"]["config"]
+    assert saved["dtype"] == resolved
+    assert train_module.auto_dtype(torch.device("cpu")) == resolved
+
+
 def test_cpu_has_bf16_probes_only_x86(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
@@ -451,6 +463,17 @@ def test_config_types_are_checked_when_built():
     with pytest.raises(ConfigError, match="model.n_layer is not a GPTConfig field"):
         TrainConfig(model={"n_layer": 2})
     assert TrainConfig(lr=1).lr == 1.0 and type(TrainConfig(lr=1).lr) is float
+
+
+def test_config_value_errors_say_the_rule():
+    with pytest.raises(ConfigError, match=r"warmup_iters=100: it must be between 0 and "
+                                          r"max_iters \(60\)"):
+        TrainConfig(max_iters=60)
+    with pytest.raises(ConfigError, match=r"between 0 and lr_decay_iters \(50\)"):
+        TrainConfig(max_iters=500, lr_decay_iters=50)
+    with pytest.raises(ConfigError,
+                       match="dtype='fp16': it must be 'float32', 'bfloat16' or 'auto'"):
+        TrainConfig(dtype="fp16")
 
 
 def test_a_second_signal_interrupts_at_once_and_ignored_signals_stay_ignored(monkeypatch):

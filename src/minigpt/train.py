@@ -38,7 +38,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,14 @@ def cpu_has_bf16() -> bool:
     checks = [check for check in checks if check is not None]
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
     return not (x86 and checks) or any(check() for check in checks)
+
+
+def auto_dtype(device: torch.device) -> str:
+    """What ``dtype="auto"`` trains in: "bfloat16" where the hardware multiplies bf16
+    matrices (a CUDA GPU that supports it, or a CPU with ``cpu_has_bf16``), else "float32"."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
 
 
 @functools.cache
@@ -345,6 +353,8 @@ class Run:
             raise ConfigError("micro_batch_threads > 1 is for one process (DDP's gradient "
                               "hooks need backward); under torchrun set micro_batch_threads=1")
         ddp.set_threads(dist, cfg.num_threads, cfg.micro_batch_threads)
+        if cfg.dtype == "auto":  # the run (and the config it saves) uses the resolved dtype
+            cfg = replace(cfg, dtype=auto_dtype(dist.device))
         if cfg.dtype == "bfloat16" and dist.device.type == "cpu" and not cpu_has_bf16():
             warnings.warn("dtype=bfloat16 on a CPU without bf16 instructions (AMX or "
                           "AVX512-BF16 in lscpu's flags): its matrix products take a slow "

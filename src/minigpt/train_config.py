@@ -110,7 +110,7 @@ class TrainConfig:
     # system
     seed: int = 1337  # seeds python, numpy, torch and the batch sampler
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    dtype: str = "float32"  # "float32" or "bfloat16" (autocast)
+    dtype: str = "float32"  # "float32", "bfloat16" (autocast) or "auto" (see train.auto_dtype)
     compile: bool = False  # torch.compile the model
     num_threads: int = 0  # cores to use; 0: torch's default (all of them)
     micro_batch_threads: int = 1  # micro-batches run at once, in threads sharing the cores
@@ -127,24 +127,28 @@ class TrainConfig:
                 raise ConfigError(f"model.{key} is not a GPTConfig field this config may set; "
                                   f"valid: {sorted(hints)} (set the others as top-level keys)")
             check_value(f"model.{key}", value, hints[key])
-        checks = {
-            "tokenizer": self.tokenizer in ("char", "bpe"),
-            "optimizer": self.optimizer in ("torch", "scratch"),
-            "dtype": self.dtype in ("float32", "bfloat16"),
-            "device": re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
-            "batch_size": self.batch_size >= 1,
-            "grad_accum_steps": self.grad_accum_steps >= 1,
-            "max_iters": self.max_iters >= 1,
-            "eval_interval": self.eval_interval >= 1,
-            "eval_iters": self.eval_iters >= 1,
-            "val_fraction": 0 < self.val_fraction < 1,
-            "warmup_iters": 0 <= self.warmup_iters <= self.decay_iters,
-            "micro_batch_threads": self.micro_batch_threads >= 1,
+        decay = "max_iters" if self.lr_decay_iters is None else "lr_decay_iters"
+        checks = {  # key: (valid?, the rule to print when it is not)
+            "tokenizer": (self.tokenizer in ("char", "bpe"), "'char' or 'bpe'"),
+            "optimizer": (self.optimizer in ("torch", "scratch"), "'torch' or 'scratch'"),
+            "dtype": (self.dtype in ("float32", "bfloat16", "auto"),
+                      "'float32', 'bfloat16' or 'auto'"),
+            "device": (re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+                       "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'"),
+            "batch_size": (self.batch_size >= 1, "at least 1"),
+            "grad_accum_steps": (self.grad_accum_steps >= 1, "at least 1"),
+            "max_iters": (self.max_iters >= 1, "at least 1"),
+            "eval_interval": (self.eval_interval >= 1, "at least 1"),
+            "eval_iters": (self.eval_iters >= 1, "at least 1"),
+            "val_fraction": (0 < self.val_fraction < 1, "between 0 and 1"),
+            "warmup_iters": (0 <= self.warmup_iters <= self.decay_iters,
+                             f"between 0 and {decay} ({self.decay_iters})"),
+            "micro_batch_threads": (self.micro_batch_threads >= 1, "at least 1"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"invalid TrainConfig value {bad[0]}={getattr(self, bad[0])!r}; "
-                              "see `python -m minigpt train --help` for allowed values")
+        for key, (ok, rule) in checks.items():
+            if not ok:
+                raise ConfigError(f"invalid TrainConfig value {key}={getattr(self, key)!r}: "
+                                  f"it must be {rule}; see `python -m minigpt train --help`")
         self._check_micro_batch_threads()
         self.model_config(vocab_size=1)  # GPTConfig's own checks, before any data is read
 
