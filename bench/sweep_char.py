@@ -49,6 +49,14 @@ VARIANTS: Variants = {
     "long recipe, 4,800 steps": ("shakespeare_char_long", {"max_iters": 4800}),
     "long recipe + dropout 0.1": ("shakespeare_char_long", {"dropout": 0.1}),
     "long recipe + RoPE": ("shakespeare_char_long", {"model": {"pos_emb": "rope"}}),
+    # on a CPU with AMX: bf16 and micro-batch threads buy a deeper model and longer context
+    "long recipe, 6 layers, ctx 128, bf16": ("shakespeare_char_long", {
+        "n_layer": 6, "block_size": 128, "batch_size": 8, "grad_accum_steps": 2,
+        "micro_batch_threads": 2, "dtype": "bfloat16", "max_iters": 4000}),
+    "long recipe, 6 layers, ctx 128, bf16, RoPE": ("shakespeare_char_long", {
+        "n_layer": 6, "block_size": 128, "batch_size": 8, "grad_accum_steps": 2,
+        "micro_batch_threads": 2, "dtype": "bfloat16", "max_iters": 4000,
+        "model": {"pos_emb": "rope"}}),
 }
 
 

@@ -2,20 +2,23 @@
 threads, one batch vs two micro-batches computed at once (``micro_batch_threads``).
 
     python bench/train_variants.py                   # writes data/bench/train_variants.json
-    python bench/train_variants.py --steps 20 --repeats 5
+    python bench/train_variants.py --rounds 5 --steps 20
 
-Each variant runs in its own process (so thread settings and compiled code do not leak between
-them) and times the trainer's own step (``accumulate_gradients``, gradient clipping, the
-configured AdamW) on random token ids of the ``shakespeare_char_long`` shape: ``--warmup``
-untimed steps first (for torch.compile this is where compiling happens; its time is recorded
-as ``warmup_s``), then ``--repeats`` timed runs of ``--steps`` steps each. Recorded per
-variant: tokens/s of every run, their median and spread (max - min over the median), and the
-model FLOP utilisation ``minigpt.scaling.mfu`` (6 N tokens/s over the fp32 matmul rate
+Each variant runs in its own process (so thread settings and compiled code do not leak
+between them) and times the trainer's own step (``accumulate_gradients``, gradient clipping,
+the configured AdamW) on random token ids of the ``shakespeare_char_long`` shape:
+``--warmup`` untimed steps first (for torch.compile this is where compiling happens: from an
+empty cache in the first turn, recorded as ``warmup_s``, from the on-disk cache in later
+turns), then ``--repeats`` timed runs of ``--steps`` steps each. The variants take turns,
+``--rounds`` times over (a fresh process each turn), so a machine whose speed drifts during
+the benchmark slows every variant alike instead of the last ones. Recorded per variant:
+tokens/s of every run, their median and spread (max - min over the median), and the model
+FLOP utilisation ``minigpt.scaling.mfu`` (6 N tokens/s over the fp32 matmul rate
 ``minigpt.scaling.matmul_flops_per_s`` measured with the same threads). The "one core busy"
-rows run a second process that spins on one core meanwhile (another job on a shared machine).
-The file also records the CPU model (lscpu), the core count, the torch version and the
-1-minute load average before and after: times from a loaded machine (load average above the
-core count) are provisional.
+rows run a second process that spins on one core meanwhile (another job on a shared
+machine). The file also records the CPU model (lscpu), whether it has bf16 instructions, the
+core count, the torch version and the 1-minute load average before and after: times from a
+loaded machine (load average above the core count) are provisional.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +41,7 @@ from minigpt.cli import load_config
 from minigpt.model import GPT
 from minigpt.optim import clip_grad_norm
 from minigpt.scaling import matmul_flops_per_s, mfu
-from minigpt.train import accumulate_gradients, make_optimizer
+from minigpt.train import accumulate_gradients, cpu_has_bf16, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG, VOCAB = "shakespeare_char_long", 65  # the shipped character model's shape
@@ -112,12 +116,40 @@ def measure(name: str, steps: int, repeats: int, warmup: int) -> dict:
             "mfu": round(mfu(model.num_params(), median, peak), 3)}
 
 
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    """``measure`` in a fresh process (with a spinning process beside it for "busy" rows)."""
+    cmd = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    spinner = subprocess.Popen([sys.executable, "-c", SPIN]) if "busy" in name else None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+    return json.loads(out.splitlines()[-1]) | {"one_core_busy": spinner is not None}
+
+
+def merge(turns: list[dict]) -> dict:
+    """One variant's row from its turns: every run's tokens/s, their median and spread;
+    the first turn's warm-up time (the one that compiled from scratch, if any)."""
+    rates = [r for turn in turns for r in turn["tokens_per_s_runs"]]
+    median = statistics.median(rates)
+    peak = statistics.median(turn["matmul_gflops"] for turn in turns) * 1e9
+    return turns[0] | {"tokens_per_s_runs": rates, "tokens_per_s_median": round(median),
+                       "spread": round((max(rates) - min(rates)) / median, 3),
+                       "warmup_s_runs": [turn["warmup_s"] for turn in turns],
+                       "matmul_gflops": round(peak / 1e9, 1),
+                       "mfu": round(mfu(turns[0]["params"], median, peak), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/bench/train_variants.json")
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps per timed run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of every variant")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per turn")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args()
@@ -125,24 +157,19 @@ def main() -> None:
         print(json.dumps(measure(args.variant, args.steps, args.repeats, args.warmup)))
         return
     load_before = round(os.getloadavg()[0], 2)
-    rows = []
-    for name in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps),
-               "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-        spinner = subprocess.Popen([sys.executable, "-c", SPIN]) if "busy" in name else None
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                 cwd=ROOT).stdout
-        finally:
-            if spinner is not None:
-                spinner.kill()
-                spinner.wait()
-        rows.append(json.loads(out.splitlines()[-1]) | {"one_core_busy": spinner is not None})
-        print(json.dumps(rows[-1]), flush=True)
+    # torch.compile's on-disk cache starts empty: the first turn compiles from scratch
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="train-variants-")
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for _ in range(args.rounds):
+        for name in VARIANTS:
+            runs[name].append(run_variant(name, args))
+            print(json.dumps(runs[name][-1]), flush=True)
+    rows = [merge(turns) for turns in runs.values()]
     result = {"command": "python bench/train_variants.py" + "".join(
-                  f" --{k} {getattr(args, k)}" for k in ("steps", "repeats", "warmup")),
+                  f" --{k} {getattr(args, k)}" for k in ("rounds", "steps", "repeats", "warmup")),
               "config": CONFIG, "vocab_size": VOCAB, "cpu": cpu_model(),
-              "cores": os.cpu_count(), "torch": torch.__version__,
+              "bf16_instructions": cpu_has_bf16(), "cores": os.cpu_count(),
+              "torch": torch.__version__,
               "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
               "variants": rows}
     atomic_write_text(ROOT / args.out, json.dumps(result, indent=1) + "\n")

@@ -328,9 +328,11 @@ def test_dtype_auto_trains_and_saves_the_resolved_dtype(corpus, tmp_path, monkey
     monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: has_bf16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "bf16 instructions" warning either way
-        train(tiny_config(corpus, tmp_path / "o", max_iters=2, dtype="auto"))
+        auto = train(tiny_config(corpus, tmp_path / "o", max_iters=3, dtype="auto"))
     saved = json.loads((tmp_path / "o" / "config.json").read_text())["train"]["config"]
     assert saved["dtype"] == resolved
+    same = train(tiny_config(corpus, tmp_path / "r", max_iters=3, dtype=resolved))
+    assert auto.losses == same.losses and auto.val_loss == same.val_loss  # the same steps
     assert train_module.auto_dtype(torch.device("cpu")) == resolved
 
 

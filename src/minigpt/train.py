@@ -95,6 +95,8 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------- evaluation
 def _autocast(device: torch.device, dtype: str):
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -488,6 +490,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     """
     with StopOnSignal() as stop:
         run = Run.start(cfg, callback)  # data, model, optimiser; resumes a checkpoint
+        cfg = run.cfg  # with dtype="auto" resolved
         for it in range(run.iteration, cfg.max_iters):
             if it % cfg.eval_interval == 0:
                 if run.evaluate(it):  # estimate, log, call back, checkpoint

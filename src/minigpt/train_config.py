@@ -110,7 +110,7 @@ class TrainConfig:
     # system
     seed: int = 1337  # seeds python, numpy, torch and the batch sampler
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    dtype: str = "float32"  # "float32", "bfloat16" (autocast) or "auto" (see train.auto_dtype)
+    dtype: str = "float32"  # "float32", "bfloat16" (autocast) or "auto": bf16 where in hardware
     compile: bool = False  # torch.compile the model
     num_threads: int = 0  # cores to use; 0: torch's default (all of them)
     micro_batch_threads: int = 1  # micro-batches run at once, in threads sharing the cores
