@@ -26,6 +26,7 @@ for a large one the products dominate. Design choices:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,7 +68,17 @@ class _Linear:
         return x @ self.w if self.b is None else torch.addmm(self.b, x, self.w)
 
 
-Norm = Callable[[Tensor], Tensor]  # a norm module's own forward: its math, no call overhead
+Norm = Callable[[Tensor], Tensor]  # a norm's math without the module call
+
+
+def _norm(module: nn.Module) -> Norm:
+    """LayerNorm as one ``F.layer_norm`` call on its detached tensors (half the time of
+    the module's forward for one token); RMSNorm's own forward."""
+    if not isinstance(module, nn.LayerNorm):
+        return module.forward
+    w, b = (None if t is None else t.detach() for t in (module.weight, module.bias))
+    return functools.partial(F.layer_norm, normalized_shape=module.normalized_shape,
+                             weight=w, bias=b, eps=module.eps)
 
 
 @dataclass
@@ -87,8 +98,8 @@ class _Layer:
 
         mlp = block.mlp
         gate = linear(mlp.c_gate) if mlp.swiglu else None
-        return cls(block.ln_1.forward, linear(block.attn.c_attn), linear(block.attn.c_proj),
-                   block.ln_2.forward, linear(mlp.c_fc), gate, linear(mlp.c_proj))
+        return cls(_norm(block.ln_1), linear(block.attn.c_attn), linear(block.attn.c_proj),
+                   _norm(block.ln_2), linear(mlp.c_fc), gate, linear(mlp.c_proj))
 
 
 class Engine:
@@ -104,7 +115,7 @@ class Engine:
         self.wte = t.wte.weight.detach()                          # (V, C)
         self.wpe = t.wpe.weight.detach() if "wpe" in t else None  # (block, C)
         self.layers = [_Layer.of(block, transposed) for block in t.h]
-        self.ln_f = t.ln_f.forward
+        self.ln_f = _norm(t.ln_f)
         self.head = _Linear.of(model.lm_head.weight, None, transposed)  # C -> V
         self.split = t.h[0].attn.split_sizes                       # C, C_kv, C_kv
 
