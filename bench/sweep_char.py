@@ -67,6 +67,11 @@ VARIANTS: Variants = {
         "n_layer": 6, "block_size": 128, "batch_size": 8, "grad_accum_steps": 2,
         "micro_batch_threads": 2, "dtype": "bfloat16", "max_iters": 5400, "bias": False,
         "model": {"pos_emb": "rope", "gelu_approx": "none"}}),
+    "long recipe, 6 layers, ctx 128, bf16, RoPE, no biases, exact GELU, 5,700 steps": (
+        "shakespeare_char_long", {
+        "n_layer": 6, "block_size": 128, "batch_size": 8, "grad_accum_steps": 2,
+        "micro_batch_threads": 2, "dtype": "bfloat16", "max_iters": 5700, "bias": False,
+        "model": {"pos_emb": "rope", "gelu_approx": "none"}}),
 }
 
 

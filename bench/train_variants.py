@@ -157,13 +157,14 @@ def main() -> None:
         print(json.dumps(measure(args.variant, args.steps, args.repeats, args.warmup)))
         return
     load_before = round(os.getloadavg()[0], 2)
-    # torch.compile's on-disk cache starts empty: the first turn compiles from scratch
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="train-variants-")
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    for _ in range(args.rounds):
-        for name in VARIANTS:
-            runs[name].append(run_variant(name, args))
-            print(json.dumps(runs[name][-1]), flush=True)
+    with tempfile.TemporaryDirectory(prefix="train-variants-") as cache:
+        # torch.compile's on-disk cache starts empty: the first turn compiles from scratch
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        for _ in range(args.rounds):
+            for name in VARIANTS:
+                runs[name].append(run_variant(name, args))
+                print(json.dumps(runs[name][-1]), flush=True)
     rows = [merge(turns) for turns in runs.values()]
     result = {"command": "python bench/train_variants.py" + "".join(
                   f" --{k} {getattr(args, k)}" for k in ("rounds", "steps", "repeats", "warmup")),
