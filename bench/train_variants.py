@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from minigpt import ddp
 from minigpt.atomic import atomic_write_text
@@ -59,17 +60,6 @@ VARIANTS: dict[str, dict] = {
     "fp32, 2 micro-batches in 2 threads, one core busy": TWO_MICRO,
 }
 SPIN = "while True: pass"  # the other process of the "one core busy" rows
-
-
-def cpu_model() -> str:
-    """The CPU's model name as lscpu reports it ("unknown" where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    names = [ln.split(":", 1)[1].strip() for ln in out.splitlines()
-             if ln.startswith("Model name:")]
-    return names[0] if names else "unknown"
 
 
 def measure(name: str, steps: int, repeats: int, warmup: int) -> dict:
