@@ -62,6 +62,10 @@ VARIANTS: Variants = {
         "shakespeare_char_long", {**AMX6, "max_iters": n, "bias": False,
                                   "model": {"pos_emb": "rope", "gelu_approx": "none"}})
        for n in (4500, 5400, 5700)},
+    "long recipe, 6 layers, ctx 128, bf16, RoPE, no biases, exact GELU, 5,400 steps, "
+    "cosine to 0": ("shakespeare_char_long", {
+        **AMX6, "max_iters": 5400, "min_lr": 0.0, "bias": False,
+        "model": {"pos_emb": "rope", "gelu_approx": "none"}}),
 }
 
 

@@ -23,7 +23,7 @@ import torch
 
 from minigpt.cli import load_config
 from minigpt.model import GPT, GPTConfig
-from minigpt.optim import clip_grad_norm
+from minigpt.optim import optimizer_step
 from minigpt.train import accumulate_gradients, make_optimizer
 
 
@@ -60,10 +60,7 @@ def main() -> None:
 
     def step() -> None:
         accumulate_gradients(net, batches, cfg.dtype)
-        if cfg.grad_clip > 0:
-            clip_grad_norm(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, cfg.lr, cfg.grad_clip)
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):

@@ -40,7 +40,7 @@ from minigpt import ddp
 from minigpt.atomic import atomic_write_text
 from minigpt.cli import load_config
 from minigpt.model import GPT
-from minigpt.optim import clip_grad_norm
+from minigpt.optim import optimizer_step
 from minigpt.scaling import matmul_flops_per_s, mfu
 from minigpt.train import accumulate_gradients, cpu_has_bf16, make_optimizer
 
@@ -76,9 +76,7 @@ def measure(name: str, steps: int, repeats: int, warmup: int) -> dict:
 
     def step() -> None:
         accumulate_gradients(net, batches, cfg.dtype, cfg.micro_batch_threads)
-        clip_grad_norm(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, cfg.lr, cfg.grad_clip)
 
     t0 = time.perf_counter()
     for _ in range(warmup):

@@ -2,9 +2,10 @@
 
 Design choices:
 
-* Each from-scratch piece is tested equal to its PyTorch counterpart; ``make_optimizer`` builds
-  ``torch.optim.AdamW`` by default (fused / foreach kernels are faster) and this ``AdamW`` when
-  asked for (``scratch=True``).
+* Each from-scratch piece is tested equal to its PyTorch counterpart, and training runs the
+  library's version: ``make_optimizer`` builds ``torch.optim.AdamW`` by default (fused /
+  foreach kernels are faster) and this ``AdamW`` when asked for (``scratch=True``);
+  ``optimizer_step`` clips with ``torch.nn.utils.clip_grad_norm_``.
 * Weight decay: biases, normalisation weights and embeddings are NOT decayed
   (``param_groups``). nanoGPT decays every 2-D tensor, embeddings included; decaying an
   embedding pulls the rows of rare tokens towards zero only because they are rarely updated,
@@ -175,11 +176,12 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer, lr: float, grad_clip: float
 ) -> None:
     """One update from the accumulated gradients: set ``lr`` in every group, clip the
-    global gradient norm to ``grad_clip`` (0: no clipping), step, zero the gradients."""
+    global gradient norm to ``grad_clip`` (0: no clipping), step, zero the gradients.
+    Clipping is torch's ``clip_grad_norm_``: our ``clip_grad_norm`` in library kernels."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     if grad_clip > 0:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        clip_grad_norm(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
