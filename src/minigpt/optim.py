@@ -177,7 +177,7 @@ def optimizer_step(
 ) -> None:
     """One update from the accumulated gradients: set ``lr`` in every group, clip the
     global gradient norm to ``grad_clip`` (0: no clipping), step, zero the gradients.
-    Clipping is torch's ``clip_grad_norm_``: our ``clip_grad_norm`` in library kernels."""
+    Clipping is torch's ``clip_grad_norm_``, our ``clip_grad_norm`` in library code."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     if grad_clip > 0:
