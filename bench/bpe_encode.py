@@ -19,7 +19,7 @@ import statistics
 import string
 import time
 
-from minigpt import data
+from minigpt import registry
 from minigpt.bpe import apply_merges
 from minigpt.tokenizer import Tokenizer
 
@@ -53,8 +53,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs (fresh words) per size")
     parser.add_argument("--quadratic", action="store_true", help="also time apply_merges")
     args = parser.parse_args()
-    gpt2: Tokenizer = data.gpt2_tokenizer()
-    tk = data.tiktoken_gpt2()
+    gpt2: Tokenizer = registry.gpt2_tokenizer()
+    tk = registry.tiktoken_gpt2()
     print(f"median of {args.repeats} runs, wall [cpu]; random ASCII letters, one pre-token")
     for n in (64_000, 1_000_000):
         words = [random_word(n, seed) for seed in range(args.repeats)]

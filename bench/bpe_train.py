@@ -18,7 +18,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from minigpt import data
+from minigpt import registry
 from minigpt.bpe import train_bpe_from_text, train_bpe_naive
 from minigpt.tokenizer import Tokenizer
 
@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
     r = parser.parse_args().repeats
-    text = data.path("tinyshakespeare").read_text(encoding="utf-8")
+    text = registry.path("tinyshakespeare").read_text(encoding="utf-8")
     print(f"Tiny Shakespeare: {len(text.encode()):,} bytes; median of {r} runs, wall [cpu]")
 
     small = text[:20_000]
@@ -63,8 +63,8 @@ def main() -> None:
     print(f"encode all, vocab 4,096, ours (cold):   {t_ours}  ({len(ids):,} tokens)")
     print(f"encode all, vocab 4,096, to_tiktoken(): {t_tk}  (same ids)")
 
-    gpt2 = Tokenizer.from_gpt2_files(data.path("gpt2-encoder"), data.path("gpt2-vocab"))
-    tk_gpt2 = data.tiktoken_gpt2()
+    gpt2 = Tokenizer.from_gpt2_files(registry.path("gpt2-encoder"), registry.path("gpt2-vocab"))
+    tk_gpt2 = registry.tiktoken_gpt2()
     gpt2.encode(text)  # warm the pre-token cache
     t_ours, ids = timed(lambda: gpt2.encode(text), r)
     t_tk, tk_ids = timed(lambda: tk_gpt2.encode(text), r)

@@ -106,6 +106,13 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
+def cache(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated cache and no mirror: registered files come from the network or nowhere."""
+    monkeypatch.delenv("MINIGPT_DATA_MIRROR", raising=False)
+    return isolated_cache
+
+
+@pytest.fixture
 def corpus(tmp_path: Path, isolated_cache: Path) -> Path:
     """A 600-line text file of Shakespeare-ish words (seeded), with an isolated cache."""
     rng = random.Random(0)

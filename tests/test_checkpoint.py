@@ -23,8 +23,8 @@ from minigpt.checkpoint import (
     save_checkpoint,
 )
 from minigpt.cli import main as cli_main
-from minigpt.data import gpt2_tokenizer
 from minigpt.model import GPT, ConfigError, GPTConfig
+from minigpt.registry import gpt2_tokenizer
 from minigpt.tokenizer import CharTokenizer, Tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "checkpoints"

@@ -11,7 +11,6 @@ from torch import nn
 import minigpt
 from minigpt import peft
 from minigpt.checkpoint import load_model
-from minigpt.data import gpt2_tokenizer
 from minigpt.finetune import (
     ClassificationConfig,
     GPTClassifier,
@@ -51,6 +50,7 @@ from minigpt.instruct import (
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import lr_at
 from minigpt.pretrained import GPT2_EOT, PretrainedError, save_hf
+from minigpt.registry import gpt2_tokenizer
 from minigpt.tuning import FitConfig, fit
 
 CFG = GPTConfig(vocab_size=64, block_size=32, n_layer=3, n_head=2, n_embd=16)

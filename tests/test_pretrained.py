@@ -11,8 +11,6 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from minigpt.bpe import train_bpe_from_text
 from minigpt.checkpoint import CheckpointError, load_model
-from minigpt.data import gpt2_tokenizer
-from minigpt.data import path as data_path
 from minigpt.model import GPT, gpt2_config, param_count
 from minigpt.pretrained import (
     PretrainedError,
@@ -24,6 +22,8 @@ from minigpt.pretrained import (
     to_hf_state_dict,
 )
 from minigpt.pretrained import download as pretrained_download
+from minigpt.registry import gpt2_tokenizer
+from minigpt.registry import path as data_path
 from minigpt.tokenizer import Tokenizer
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minigpt import data
+from minigpt import registry
 from minigpt.bpe import (
     apply_merges,
     apply_merges_heap,
@@ -31,17 +31,17 @@ SAMPLE = (
 
 @pytest.fixture(scope="module")
 def shakespeare() -> str:
-    return data.path("tinyshakespeare").read_text(encoding="utf-8")
+    return registry.path("tinyshakespeare").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def gpt2() -> Tokenizer:
-    return Tokenizer.from_gpt2_files(data.path("gpt2-encoder"), data.path("gpt2-vocab"))
+    return Tokenizer.from_gpt2_files(registry.path("gpt2-encoder"), registry.path("gpt2-vocab"))
 
 
 @pytest.fixture(scope="module")
 def tiktoken_gpt2():
-    return data.tiktoken_gpt2()
+    return registry.tiktoken_gpt2()
 
 
 @pytest.fixture(scope="module")
@@ -307,15 +307,15 @@ def test_gpt2_to_dict_names_the_published_files_by_hash_not_by_path(gpt2, tmp_pa
     assert d == {
         "type": "gpt2",
         "special_tokens": [EOT],
-        "encoder_json_sha256": data.REGISTRY["gpt2-encoder"].sha256,
-        "vocab_bpe_sha256": data.REGISTRY["gpt2-vocab"].sha256,
+        "encoder_json_sha256": registry.REGISTRY["gpt2-encoder"].sha256,
+        "vocab_bpe_sha256": registry.REGISTRY["gpt2-vocab"].sha256,
     }
     # the same files anywhere else (another machine, another cache) give the same description
     for name, file in (("gpt2-encoder", "encoder.json"), ("gpt2-vocab", "vocab.bpe")):
-        (tmp_path / file).write_bytes(data.path(name).read_bytes())
+        (tmp_path / file).write_bytes(registry.path(name).read_bytes())
     moved = Tokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
     assert moved.to_dict() == d
-    with pytest.raises(ValueError, match="minigpt.data.load_tokenizer"):
+    with pytest.raises(ValueError, match="minigpt.registry.load_tokenizer"):
         Tokenizer.from_dict(d)
 
 
@@ -367,7 +367,7 @@ def test_special_token_spelled_like_a_regular_token(tmp_path):
 @pytest.mark.slow
 def test_gpt2_files_with_an_extra_special_token():
     tok = Tokenizer.from_gpt2_files(
-        data.path("gpt2-encoder"), data.path("gpt2-vocab"), [EOT, "<|pad|>"]
+        registry.path("gpt2-encoder"), registry.path("gpt2-vocab"), [EOT, "<|pad|>"]
     )
     assert tok.special_tokens == {EOT: 50256, "<|pad|>": 50257} and tok.vocab_size == 50258
     assert tok.encode(f"hi<|pad|>{EOT}") == [5303, 50257, 50256]
@@ -441,7 +441,7 @@ def test_vocab_may_hold_other_tokens_that_only_decode(small_bpe, tmp_path):
 
 @pytest.mark.slow
 def test_gpt2_without_declared_special_token_treats_it_as_text(tiktoken_gpt2):
-    plain = data.gpt2_tokenizer(special_tokens=())
+    plain = registry.gpt2_tokenizer(special_tokens=())
     assert plain.special_tokens == {} and plain.vocab_size == 50257
     text = f"Hello{EOT}world {EOT}"
     ids = plain.encode(text)
@@ -449,7 +449,7 @@ def test_gpt2_without_declared_special_token_treats_it_as_text(tiktoken_gpt2):
     assert 50256 not in ids and plain.decode(ids) == text
     assert plain.decode([50256]) == EOT  # the id still decodes
     assert list(plain.encode_iterable([text[:7], text[7:]])) == ids
-    assert data.load_tokenizer(plain.to_dict()).encode(text) == ids
+    assert registry.load_tokenizer(plain.to_dict()).encode(text) == ids
 
 
 @pytest.mark.slow
@@ -460,6 +460,6 @@ def test_repr_names_kind_size_and_counts(gpt2, small_bpe, two_specials):
     assert repr(two_specials) == (
         "Tokenizer(kind='bpe', vocab_size=501, merges=243, special_tokens=2, other_tokens=0)"
     )
-    plain = data.gpt2_tokenizer(special_tokens=())
+    plain = registry.gpt2_tokenizer(special_tokens=())
     assert "special_tokens=0, other_tokens=1" in repr(plain)
     assert repr(CharTokenizer.from_text("hello")) == "CharTokenizer(kind='char', vocab_size=4)"

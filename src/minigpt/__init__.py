@@ -2,9 +2,10 @@
 
 Each module holds one concept, in the order the book teaches them:
 ``functional`` (softmax and cross-entropy from scratch), ``tokenizer``/``bpe`` (characters,
-byte-level BPE, GPT-2's tokenizer), ``data`` (dataset registry, verified downloads, token
-bins, training data), ``attention``/``model`` (attention, the KV cache, the GPT and its
-modern variants), ``optim`` (AdamW, schedule, clipping, the optimisation step),
+byte-level BPE, GPT-2's tokenizer), ``registry`` (the public files the book uses: verified
+downloads, mirror, cache), ``data`` (token bins, training batches), ``attention``/``model``
+(attention, the KV cache, the GPT and its modern variants), ``optim`` (AdamW, schedule,
+clipping, the optimisation step),
 ``train_config``/``train``/``ddp`` (the trainer, its typed config, data parallelism),
 ``checkpoint`` (checkpoints and model directories), ``atomic`` (crash-safe file writes),
 ``generate`` (decoding), ``pretrained`` (GPT-2 weights), ``tuning``/``peft``/``finetune``/

@@ -21,7 +21,7 @@ Design choices:
   layers is refused before anything is allocated) and the tokenizer's vocabulary against the
   model's. Hashing costs one read of the files (about 3 MB for the shipped models, a few
   milliseconds); a mismatch is an error, never a silently different model.
-* Tokenizers are (de)serialised in one place, ``minigpt.data.load_tokenizer`` (character,
+* Tokenizers are (de)serialised in one place, ``minigpt.registry.load_tokenizer`` (character,
   own BPE and GPT-2's).
 """
 
@@ -43,8 +43,8 @@ from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
 from minigpt.atomic import atomic_write, atomic_write_text
-from minigpt.data import DataError, load_tokenizer
 from minigpt.model import GPT, GPTConfig, param_count
+from minigpt.registry import DataError, load_tokenizer
 
 FORMAT = "minigpt-checkpoint-v1"
 MODEL_FILES = ("config.json", "model.safetensors")  # what a load reads from a model directory

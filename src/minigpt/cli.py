@@ -26,7 +26,7 @@ Design choices:
 - ``sample`` is repeatable by default (``--seed 0``); sample ``i`` of ``--num-samples``
   uses seed ``seed + i``. Options and prompt are checked before anything is printed.
 - A model directory is data, not instructions: ``eval`` uses a dataset named in its
-  ``config.json`` only if it is a registered name (``minigpt.data.REGISTRY``); a local file
+  ``config.json`` only if it is a registered name (``minigpt.registry.REGISTRY``); a local file
   is read only when the user passes it (``--data PATH``).
 - Training stopped by Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and exits with one line
   and status 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
@@ -50,11 +50,11 @@ from pathlib import Path
 import torch
 
 import minigpt
-from minigpt import data, finetune_cli
+from minigpt import data, finetune_cli, registry
 from minigpt.checkpoint import load_model, read_checkpoint
-from minigpt.data import DataError
 from minigpt.ddp import resolve_device
 from minigpt.generate import DecodeOptions, stream
+from minigpt.registry import DataError
 from minigpt.train import TrainingInterrupted, estimate_loss, train
 from minigpt.train_config import TrainConfig, check_value, type_name
 
@@ -231,9 +231,9 @@ def eval_dataset(checkpoint: Path, explicit: str | None) -> TrainConfig:
         cfg = TrainConfig.from_dict(json.loads(extra["config"]))
     if explicit is not None:
         return dataclasses.replace(cfg, dataset=explicit)
-    if cfg.dataset not in data.REGISTRY:
+    if cfg.dataset not in registry.REGISTRY:
         raise CLIError(f"{checkpoint} names the dataset {cfg.dataset!r}, which is not a "
-                       f"registered dataset ({', '.join(sorted(data.REGISTRY))}); to evaluate "
+                       f"registered dataset ({', '.join(sorted(registry.REGISTRY))}); to evaluate "
                        "on a local file, pass it yourself: --data PATH")
     return cfg
 

@@ -57,10 +57,10 @@ from torch import Tensor, nn
 
 from minigpt import peft
 from minigpt.checkpoint import load_model
-from minigpt.data import gpt2_tokenizer
-from minigpt.data import path as dataset_path
 from minigpt.model import GPT
 from minigpt.pretrained import PretrainedError, from_pretrained, load_tokenizer
+from minigpt.registry import gpt2_tokenizer
+from minigpt.registry import path as dataset_path
 from minigpt.tuning import FitConfig, fit
 
 Example = tuple[str, int]  # (text, label)

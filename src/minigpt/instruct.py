@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigpt.data import path as dataset_path
 from minigpt.generate import generate
+from minigpt.registry import path as dataset_path
 from minigpt.tuning import FitConfig, fit
 
 IGNORE = -100  # label of positions that are not trained on (prompt and padding)

@@ -54,8 +54,8 @@ from minigpt.checkpoint import (
     read_model_dir,
     weight_shapes,
 )
-from minigpt.data import path as data_path
 from minigpt.model import GPT, GPTConfig
+from minigpt.registry import path as data_path
 from minigpt.tokenizer import Tokenizer
 
 HUB_REPOS = {  # the released sizes, as hosted on the Hugging Face Hub

@@ -357,7 +357,7 @@ class Tokenizer:
         """GPT-2's tokenizer from its ``encoder.json`` (token -> id) and ``vocab.bpe`` (merges).
 
         Files in the same format with other content (e.g. written by ``save``) work too.
-        ``minigpt.data.gpt2_tokenizer()`` calls this with verified copies of GPT-2's files.
+        ``minigpt.registry.gpt2_tokenizer()`` calls this with verified copies of GPT-2's files.
         """
         encoder = Path(encoder_json_path).read_bytes()
         merges = Path(vocab_bpe_path).read_bytes()
@@ -414,7 +414,7 @@ class Tokenizer:
 
         GPT-2's tokenizer (read from GPT-2's own files) is ``{"type": "gpt2", ...}``: it names
         the files by their SHA-256, so it holds no path and means the same on every machine;
-        ``minigpt.data.load_tokenizer`` rebuilds it. Any other one carries its vocabulary
+        ``minigpt.registry.load_tokenizer`` rebuilds it. Any other one carries its vocabulary
         (``"type": "bpe"``) and ``from_dict`` rebuilds it.
         """
         if self._is_gpt2:
@@ -435,12 +435,12 @@ class Tokenizer:
         if kind == "gpt2":
             raise ValueError(
                 "a 'gpt2' description names GPT-2's published files, which this module does not "
-                "fetch; rebuild it with minigpt.data.load_tokenizer(d)"
+                "fetch; rebuild it with minigpt.registry.load_tokenizer(d)"
             )
         if kind != "bpe":
             raise ValueError(
                 f"not a BPE tokenizer description: type={kind!r}; "
-                "minigpt.data.load_tokenizer(d) rebuilds every kind"
+                "minigpt.registry.load_tokenizer(d) rebuilds every kind"
             )
         return cls._from_gpt2_format(d["vocab"], d["merges"], d["special_tokens"])
 

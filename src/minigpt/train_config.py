@@ -77,7 +77,7 @@ class TrainConfig:
     """Every hyper-parameter of a training run (the JSON files in ``minigpt/configs/``)."""
 
     # data
-    dataset: str = "tinyshakespeare"  # a name registered in minigpt.data, or a UTF-8 text file
+    dataset: str = "tinyshakespeare"  # a name registered in minigpt.registry, or a UTF-8 text file
     tokenizer: str = "char"  # "char" (one id per character) or "bpe" (byte-level BPE)
     bpe_vocab_size: int = 1024  # for tokenizer="bpe": trained on the training split
     val_fraction: float = 0.1  # the last 10% of the tokens are the validation split
