@@ -68,6 +68,14 @@ def test_no_minigpt_import_inside_a_function(path):
     assert not hidden, f"minigpt imported inside a function: {hidden}"
 
 
+def test_no_module_is_much_longer_than_500_lines():
+    """One idea per module keeps each one short; a module past ~500 lines holds two ideas
+    and is split by idea (as ``data`` was into ``registry`` and ``data``)."""
+    lengths = {path.name: len(path.read_text(encoding="utf-8").splitlines())
+               for path in MODULES}
+    assert not {name: n for name, n in lengths.items() if n > 550}, lengths
+
+
 def test_imports_flow_one_way():
     """The module graph has no cycle, so every module can be read after the ones it uses."""
     graph, done, path = top_level_graph(), set(), []
