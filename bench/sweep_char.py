@@ -66,6 +66,11 @@ VARIANTS: Variants = {
     "cosine to 0": ("shakespeare_char_long", {
         **AMX6, "max_iters": 5400, "min_lr": 0.0, "bias": False,
         "model": {"pos_emb": "rope", "gelu_approx": "none"}}),
+    "long recipe, 6 layers, ctx 128, bf16, RoPE, no biases, exact GELU, 4,800 steps, "
+    "weight decay 0.2": ("shakespeare_char_long", {
+        **AMX6, "max_iters": 4800, "weight_decay": 0.2, "bias": False,
+        "model": {"pos_emb": "rope", "gelu_approx": "none"}}),
+    "shakespeare_char_amx, seed 1": ("shakespeare_char_amx", {"seed": 1}),
 }
 
 

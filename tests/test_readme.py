@@ -1,21 +1,27 @@
-"""The README's speed figures are the ones in the benchmark files it cites.
+"""The speed figures the README and the shipped configs quote are those of the files they cite.
 
-The README quotes whole-run times and ratios against nanoGPT. Those numbers are made by
-``bench/sweep_char.py`` and ``bench/vs_nanogpt.py``; this test rebuilds each quoted phrase
-from the JSON files, so re-running a benchmark without updating the README fails here.
+The README quotes whole-run times and ratios against nanoGPT, and two configs' descriptions
+quote their measured runs. Those numbers are made by ``bench/sweep_char.py``,
+``bench/vs_nanogpt.py`` and the shipped checkpoint's training; these tests rebuild each
+quoted phrase from the JSON files, so re-running a benchmark without updating the text fails.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
+
+from minigpt.cli import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
 SWEEP_DEFAULT = "+ 2 micro-batches in 2 threads (= shakespeare_char)"
 SWEEP_BASELINE = "nanogpt-cpu (baseline)"
+AMX_ROW = ("long recipe, 6 layers, ctx 128, bf16, RoPE, no biases, exact GELU, 4,800 steps, "
+           "weight decay 0.2")
 
 
 def span(times: list[float]) -> str:
@@ -46,6 +52,47 @@ def vs_nanogpt_phrases() -> list[str]:
             f"{step['speedup_median']:.2f}x nanoGPT's with --step-dtype {step['minigpt_dtype']}"]
 
 
-@pytest.mark.parametrize("phrase", sweep_phrases() + vs_nanogpt_phrases())
+def config_phrases() -> list[tuple[str, str]]:
+    sweep = {r["name"]: r for r in json.loads(
+        (ROOT / "data" / "sweeps" / "shakespeare_char.json").read_text())}
+    amx = sweep[AMX_ROW]
+    shipped = json.loads((ROOT / "data" / "checkpoints" / "manifest.json").read_text())
+    long_run = shipped["shakespeare-char"]
+    assert long_run["command"].startswith("python -m minigpt train --config shakespeare_char_long")
+    seed1 = sweep["shakespeare_char_amx, seed 1"]
+    return [("shakespeare_char_amx",
+             f"measured {amx['val_loss']:.3f} (whole split) in {amx['wall_time_s']:.0f} s"),
+            ("shakespeare_char_amx", f"{seed1['val_loss']:.3f} with seed 1"),
+            ("shakespeare_char_long",
+             f"measured {long_run['val_loss']:.3f} in {long_run['wall_time_s']:.0f} s")]
+
+
+def long_run_phrases() -> list[str]:
+    """The two ten-minute recipes, as the configs' descriptions quote them."""
+    return [phrase.replace(" (whole split)", "").removeprefix("measured ")
+            for _, phrase in config_phrases() if "seed" not in phrase]
+
+
+@pytest.mark.parametrize("phrase",
+                         sweep_phrases() + vs_nanogpt_phrases() + long_run_phrases())
 def test_readme_quotes_the_benchmark_files(phrase):
     assert phrase in README.replace("`", ""), f"README.md should say: {phrase!r}"
+
+
+@pytest.mark.parametrize(("config", "phrase"), config_phrases())
+def test_config_descriptions_quote_their_runs(config, phrase):
+    file = ROOT / "src" / "minigpt" / "configs" / f"{config}.json"
+    assert phrase in json.loads(file.read_text())["description"], f"{file.name}: {phrase!r}"
+
+
+def test_the_amx_config_is_the_run_its_description_quotes():
+    """shakespeare_char_amx = the sweep row's command (shakespeare_char_long + its --set)."""
+    row = {r["name"]: r for r in json.loads(
+        (ROOT / "data" / "sweeps" / "shakespeare_char.json").read_text())}[AMX_ROW]
+    args = shlex.split(row["command"])
+    assert args[:6] == ["python", "-m", "minigpt", "train", "--config", "shakespeare_char_long"]
+    overrides = [a for flag, a in zip(args[6::2], args[7::2], strict=True) if flag == "--set"]
+    measured = load_config("shakespeare_char_long", overrides).to_dict()
+    shipped = load_config("shakespeare_char_amx", []).to_dict()
+    assert {k: v for k, v in shipped.items() if measured[k] != v} == {
+        "out_dir": "out/shakespeare_char_amx"}

@@ -54,12 +54,14 @@ _CHUNK = 1 << 16  # even: a block of a token file holds whole uint16 ids
 class BinError(DataError):
     """A token bin is missing, empty, or does not match the record ``prepare_bin`` wrote."""
 
+
 class Tokenizer(Protocol):
     """What ``prepare_bin`` needs from a tokenizer."""
 
     vocab_size: int
 
     def encode(self, text: str) -> list[int]: ...
+
 
 def _blocks(source: str | os.PathLike, size: int) -> Iterator[str]:
     """The text of ``source`` (a string, or a path to a UTF-8 file) in blocks of ``size``."""

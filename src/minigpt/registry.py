@@ -79,6 +79,7 @@ class CacheError(DataError):
 class DataInputError(DataError, ValueError):
     """A bad argument: an unknown name, a bad fraction or size, an unusable corpus."""
 
+
 @dataclass(frozen=True)
 class Entry:
     """One registered file.
