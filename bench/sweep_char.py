@@ -70,7 +70,8 @@ VARIANTS: Variants = {
     "weight decay 0.2": ("shakespeare_char_long", {
         **AMX6, "max_iters": 4800, "weight_decay": 0.2, "bias": False,
         "model": {"pos_emb": "rope", "gelu_approx": "none"}}),
-    "shakespeare_char_amx, seed 1": ("shakespeare_char_amx", {"seed": 1}),
+    **{f"shakespeare_char_amx, seed {n}": ("shakespeare_char_amx", {"seed": n})
+       for n in (1, 2)},
 }
 
 
