@@ -88,7 +88,8 @@ def test_config_descriptions_quote_their_runs(config, phrase):
 
 
 def test_the_amx_config_is_the_run_its_description_quotes():
-    """shakespeare_char_amx = the sweep row's command (shakespeare_char_long + its --set)."""
+    """shakespeare_char_amx = the sweep row's command (shakespeare_char_long + its --set),
+    but for dtype "auto", which trains in bf16, as the row did, on a CPU with bf16."""
     row = {r["name"]: r for r in json.loads(
         (ROOT / "data" / "sweeps" / "shakespeare_char.json").read_text())}[AMX_ROW]
     args = shlex.split(row["command"])
@@ -96,5 +97,6 @@ def test_the_amx_config_is_the_run_its_description_quotes():
     overrides = [a for flag, a in zip(args[6::2], args[7::2], strict=True) if flag == "--set"]
     measured = load_config("shakespeare_char_long", overrides).to_dict()
     shipped = load_config("shakespeare_char_amx", []).to_dict()
+    assert measured["dtype"] == row["dtype"] == "bfloat16"
     assert {k: v for k, v in shipped.items() if measured[k] != v} == {
-        "out_dir": "out/shakespeare_char_amx"}
+        "out_dir": "out/shakespeare_char_amx", "dtype": "auto"}
