@@ -28,6 +28,15 @@ from sweep import Variants, add_options, run, run_variants
 # 16 windows per step as 2 micro-batches in 2 threads (fast on a CPU with AMX)
 AMX6 = {"n_layer": 6, "block_size": 128, "batch_size": 8, "grad_accum_steps": 2,
         "micro_batch_threads": 2, "dtype": "bfloat16"}
+AMX6_NANO = "long recipe, 6 layers, ctx 128, bf16, RoPE, no biases, exact GELU"
+
+
+def amx6_nano(steps: int, **changes: float) -> dict:
+    """AMX6 with nanoGPT's model (no biases, exact GELU) and RoPE, for ``steps`` steps."""
+    return {**AMX6, "max_iters": steps, **changes, "bias": False,
+            "model": {"pos_emb": "rope", "gelu_approx": "none"}}
+
+
 # name -> (config, overrides). The nanoGPT CPU recipe first, then one change at a time.
 VARIANTS: Variants = {
     "nanogpt-cpu (baseline)": ("nanogpt_cpu", {}),
@@ -58,18 +67,12 @@ VARIANTS: Variants = {
         **AMX6, "max_iters": 4000}),
     "long recipe, 6 layers, ctx 128, bf16, RoPE": ("shakespeare_char_long", {
         **AMX6, "max_iters": 4000, "model": {"pos_emb": "rope"}}),
-    **{f"long recipe, 6 layers, ctx 128, bf16, RoPE, no biases, exact GELU, {n:,} steps": (
-        "shakespeare_char_long", {**AMX6, "max_iters": n, "bias": False,
-                                  "model": {"pos_emb": "rope", "gelu_approx": "none"}})
+    **{f"{AMX6_NANO}, {n:,} steps": ("shakespeare_char_long", amx6_nano(n))
        for n in (4500, 5400, 5700)},
-    "long recipe, 6 layers, ctx 128, bf16, RoPE, no biases, exact GELU, 5,400 steps, "
-    "cosine to 0": ("shakespeare_char_long", {
-        **AMX6, "max_iters": 5400, "min_lr": 0.0, "bias": False,
-        "model": {"pos_emb": "rope", "gelu_approx": "none"}}),
-    "long recipe, 6 layers, ctx 128, bf16, RoPE, no biases, exact GELU, 4,800 steps, "
-    "weight decay 0.2": ("shakespeare_char_long", {
-        **AMX6, "max_iters": 4800, "weight_decay": 0.2, "bias": False,
-        "model": {"pos_emb": "rope", "gelu_approx": "none"}}),
+    f"{AMX6_NANO}, 5,400 steps, cosine to 0": ("shakespeare_char_long",
+                                               amx6_nano(5400, min_lr=0.0)),
+    f"{AMX6_NANO}, 4,800 steps, weight decay 0.2": ("shakespeare_char_long",
+                                                    amx6_nano(4800, weight_decay=0.2)),
     **{f"shakespeare_char_amx, seed {n}": ("shakespeare_char_amx", {"seed": n})
        for n in (1, 2)},
 }
