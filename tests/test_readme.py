@@ -72,7 +72,9 @@ def long_run_phrases() -> list[str]:
     """The two ten-minute recipes, as the configs' descriptions quote them."""
     phrases = [phrase.replace(" (whole split)", "").removeprefix("measured ")
                for _, phrase in config_phrases()]
-    return [p.replace("with seeds 1 and 2", "with two other seeds") for p in phrases]
+    amx = load_config("shakespeare_char_amx", [])
+    shape = f"{amx.n_layer} layers, {amx.block_size} characters of context"
+    return [shape] + [p.replace("with seeds 1 and 2", "with two other seeds") for p in phrases]
 
 
 @pytest.mark.parametrize("phrase",
